@@ -1,0 +1,103 @@
+"""Settings from keyword arguments and the environment.
+
+Environment variables (the in-memory manager's names are kept):
+
+- ``SESSIONSTORE_DATABASE``: path or SQLAlchemy URL (default ``sessions.db``)
+- ``SESSION_TIMEOUT_SECS``: idle seconds before a session expires (default 3600)
+- ``SESSION_MAX_CONCURRENT``: live sessions allowed at once (default 100; 0 = no limit)
+- ``SESSION_CLEANUP_INTERVAL``: seconds between cleanup passes (default 300)
+- ``SESSION_FLUSH_INTERVAL``: longest delay before activity reaches disk (default 1.0)
+- ``SESSION_MAX_DATA_BYTES``: largest JSON data per session (default 65536)
+- ``SESSIONSTORE_SYNCHRONOUS``: SQLite ``synchronous`` pragma, FULL or NORMAL (default FULL)
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, fields, replace
+from typing import Any
+
+__all__ = ["DEFAULT_DATABASE", "Settings"]
+
+DEFAULT_DATABASE = "sessions.db"
+
+_ENV: dict[str, tuple[str, type]] = {
+    "database": ("SESSIONSTORE_DATABASE", str),
+    "session_timeout_secs": ("SESSION_TIMEOUT_SECS", float),
+    "max_concurrent_sessions": ("SESSION_MAX_CONCURRENT", int),
+    "cleanup_interval_secs": ("SESSION_CLEANUP_INTERVAL", float),
+    "flush_interval_secs": ("SESSION_FLUSH_INTERVAL", float),
+    "max_data_bytes": ("SESSION_MAX_DATA_BYTES", int),
+    "synchronous": ("SESSIONSTORE_SYNCHRONOUS", str),
+}
+
+
+@dataclass(frozen=True, kw_only=True)
+class Settings:
+    """Every tunable of a :class:`~sessionstore.SessionManager`, validated.
+
+    Build one with keyword arguments, or with :meth:`from_env` to read the
+    environment first and let keyword arguments override it.
+    """
+
+    database: str = DEFAULT_DATABASE
+    session_timeout_secs: float = 3600.0
+    max_concurrent_sessions: int = 100
+    cleanup_interval_secs: float = 300.0
+    flush_interval_secs: float = 1.0
+    max_data_bytes: int = 65536
+    synchronous: str = "FULL"
+    busy_timeout_ms: int = 5000
+    cleanup_chunk_rows: int = 2000
+
+    def __post_init__(self) -> None:
+        positive = (
+            "session_timeout_secs",
+            "cleanup_interval_secs",
+            "flush_interval_secs",
+            "max_data_bytes",
+            "cleanup_chunk_rows",
+        )
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")
+        if self.max_concurrent_sessions < 0:
+            raise ValueError("max_concurrent_sessions must be >= 0 (0 means no limit)")
+        if self.busy_timeout_ms < 0:
+            raise ValueError("busy_timeout_ms must be >= 0")
+        sync = self.synchronous.upper()
+        if sync not in ("FULL", "NORMAL", "EXTRA"):
+            raise ValueError(f"synchronous must be FULL, NORMAL or EXTRA, got {self.synchronous!r}")
+        object.__setattr__(self, "synchronous", sync)
+        if not self.database:
+            raise ValueError("database must not be empty")
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+        """Settings from the environment, then ``overrides`` (``None`` values ignored).
+
+        Raises:
+            ValueError: a variable does not parse as its type, or is out of range.
+        """
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for name, (var, kind) in _ENV.items():
+            raw = env.get(var)
+            if raw is None or raw.strip() == "":
+                continue
+            try:
+                values[name] = kind(raw.strip())
+            except ValueError:
+                raise ValueError(f"{var}={raw!r} is not a valid {kind.__name__}") from None
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+    def with_(self, **changes: Any) -> Settings:
+        """A copy with some fields changed (validated again)."""
+        return replace(self, **changes)
+
+    @classmethod
+    def field_names(cls) -> tuple[str, ...]:
+        """Names of every setting, for callers that forward keyword arguments."""
+        return tuple(f.name for f in fields(cls))

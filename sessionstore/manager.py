@@ -1,0 +1,665 @@
+"""SessionManager: the in-memory manager's API, persisted.
+
+Policy lives here (what is expired, the limit, when to clean up, what to cache);
+SQL lives in :mod:`sessionstore.store`; every write goes through the
+:class:`~sessionstore.writer.GroupCommitWriter`.
+
+Durability: ``ensure`` (when it creates), ``remove``, ``set_data`` and token changes
+return only after their transaction has committed. ``update_activity`` changes memory
+at once and reaches the database within ``flush_interval_secs`` (and on ``aclose``):
+a crash can lose at most that much activity time, never a session.
+
+Expiry is a predicate, not a deletion: a session whose ``last_activity`` is more than
+``session_timeout_secs`` ago is absent from the first moment, whether or not cleanup
+has deleted its row yet.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import os
+import secrets
+import time
+import uuid
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from .config import DEFAULT_DATABASE, Settings
+from .errors import (
+    DataTooLargeError,
+    InvalidDataError,
+    ManagerClosedError,
+    SessionLimitError,
+    SessionNotFoundError,
+    VersionConflictError,
+)
+from .session import Session
+from .store import CreateResult, NewSession, SessionRow, SessionStore, dumps
+from .writer import GroupCommitWriter
+
+__all__ = ["RecoveryReport", "RemovalListener", "ResumeResult", "SessionManager"]
+
+log = logging.getLogger("sessionstore.manager")
+
+#: Called with ``(session_id, reason)`` after a session is gone; reason is
+#: ``"removed"`` or ``"expired"``.
+RemovalListener = Callable[[str, str], None]
+
+ResumeReason = Literal["unknown", "expired"]
+
+
+@dataclass(frozen=True, slots=True)
+class RecoveryReport:
+    """What start-up found: sessions restored, and sessions that expired while down."""
+
+    restored: int
+    expired: int
+    seconds: float
+
+
+@dataclass(frozen=True, slots=True)
+class ResumeResult:
+    """The outcome of :meth:`SessionManager.resume`: a session, or why there is none."""
+
+    session: Session | None
+    reason: ResumeReason | None
+
+
+@dataclass(frozen=True, slots=True)
+class _DataChange:
+    session_id: str
+    update: Mapping[str, Any]
+    delete: tuple[str, ...]
+    replace: bool
+    if_version: int | None
+
+
+class _Entry:
+    """A cached live session; ``data`` stays JSON text (smaller than a dict)."""
+
+    __slots__ = ("created_at", "data", "last_activity", "version")
+
+    def __init__(self, row: SessionRow) -> None:
+        self.created_at = row.created_at
+        self.last_activity = row.last_activity
+        self.data = row.data
+        self.version = row.version
+
+
+def hash_token(token: str) -> str:
+    """SHA-256 hex digest of a resume token: the only form a token is stored in."""
+    return hashlib.sha256(token.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+class SessionManager:
+    """Persistent sessions with the in-memory SessionManager's API.
+
+    Args:
+        database: A SQLite path or a SQLAlchemy URL; default ``SESSIONSTORE_DATABASE``,
+            else ``sessions.db`` in the working directory.
+        session_timeout_secs: Idle seconds after which a session expires.
+        max_concurrent_sessions: Live sessions allowed at once (0 means no limit).
+        cleanup_interval_secs: Seconds between periodic cleanup passes.
+        clock: Zero-argument callable returning Unix epoch seconds; every judgement
+            of time uses it.
+        settings: A :class:`~sessionstore.config.Settings`; keyword arguments given
+            here override it.
+        **options: Any other :class:`~sessionstore.config.Settings` field
+            (``flush_interval_secs``, ``max_data_bytes``, ``synchronous``, ...).
+
+    Use it as ``async with SessionManager(...) as manager:``, or call ``await
+    start()`` and ``await aclose()``.
+    """
+
+    def __init__(
+        self,
+        database: str | None = None,
+        *,
+        session_timeout_secs: float | None = None,
+        max_concurrent_sessions: int | None = None,
+        cleanup_interval_secs: float | None = None,
+        clock: Callable[[], float] = time.time,
+        settings: Settings | None = None,
+        **options: Any,
+    ) -> None:
+        unknown = set(options) - set(Settings.field_names())
+        if unknown:
+            raise TypeError(f"unknown option(s): {', '.join(sorted(unknown))}")
+        if settings is None:
+            settings = Settings(
+                database=os.environ.get("SESSIONSTORE_DATABASE") or DEFAULT_DATABASE
+            )
+        overrides = {
+            "database": database,
+            "session_timeout_secs": session_timeout_secs,
+            "max_concurrent_sessions": max_concurrent_sessions,
+            "cleanup_interval_secs": cleanup_interval_secs,
+            **options,
+        }
+        self.settings = settings.with_(**{k: v for k, v in overrides.items() if v is not None})
+        self._clock = clock
+        self._store = SessionStore(
+            self.settings.database,
+            synchronous=self.settings.synchronous,
+            busy_timeout_ms=self.settings.busy_timeout_ms,
+        )
+        self._cache: dict[str, _Entry] = {}
+        self._listeners: list[RemovalListener] = []
+        self._writer: GroupCommitWriter | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._state: Literal["new", "running", "closed"] = "new"
+        self._start_lock = asyncio.Lock()
+        self.recovery: RecoveryReport | None = None
+        self.counters = {"created": 0, "removed": 0, "expired": 0, "cleanup_runs": 0}
+        self.last_cleanup_seconds = 0.0
+
+    @classmethod
+    def from_env(cls, **overrides: Any) -> SessionManager:
+        """A manager configured from ``SESSION_*`` / ``SESSIONSTORE_*`` variables.
+
+        Keyword arguments (``None`` ignored) override the environment; ``clock`` is
+        passed through.
+        """
+        clock = overrides.pop("clock", time.time)
+        return cls(settings=Settings.from_env(**overrides), clock=clock)
+
+    # ----- properties kept from the in-memory manager -----
+
+    @property
+    def session_timeout_secs(self) -> float:
+        """Idle seconds after which a session expires."""
+        return self.settings.session_timeout_secs
+
+    @property
+    def max_concurrent_sessions(self) -> int:
+        """Live sessions allowed at once (0: no limit)."""
+        return self.settings.max_concurrent_sessions
+
+    @property
+    def cleanup_interval_secs(self) -> float:
+        """Seconds between periodic cleanup passes."""
+        return self.settings.cleanup_interval_secs
+
+    @property
+    def database(self) -> str:
+        """The database path or URL (password hidden)."""
+        return self._store.label
+
+    @property
+    def store(self) -> SessionStore:
+        """The repository underneath (for admin tools and tests)."""
+        return self._store
+
+    def now(self) -> float:
+        """The injected clock's current time."""
+        return self._clock()
+
+    # ----- lifecycle -----
+
+    async def __aenter__(self) -> SessionManager:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    async def start(self) -> None:
+        """Open the database, migrate, recover, start the writer and cleanup tasks.
+
+        Recovery counts live and expired rows (index range counts), logs one line,
+        and deletes the expired rows in the background in chunks; expired rows are
+        already invisible, so start-up does not wait for that delete.
+
+        Raises:
+            ManagerClosedError: the manager was closed; make a new one.
+            StorageError: the database cannot be used (its subclass says why).
+        """
+        async with self._start_lock:
+            if self._state == "running":
+                return
+            if self._state == "closed":
+                raise ManagerClosedError("session manager is closed; create a new one")
+            started = time.perf_counter()
+            await self._store.open()
+            try:
+                restored, expired = await self._store.count_split(self._cutoff())
+            except BaseException:
+                await self._store.close()
+                raise
+            self._writer = GroupCommitWriter(
+                self._store,
+                {
+                    "create": self._apply_creates,
+                    "delete": self._apply_deletes,
+                    "data": self._apply_data_changes,
+                    "token": self._apply_tokens,
+                    "cleanup": self._apply_cleanup_chunk,
+                },
+                exclusive=("cleanup",),
+                flush_interval=self.settings.flush_interval_secs,
+            )
+            self._writer.start()
+            self._state = "running"
+            self.recovery = RecoveryReport(restored, expired, time.perf_counter() - started)
+            log.info(
+                "opened %s: %d live sessions restored, %d expired while down",
+                self._store.label,
+                restored,
+                expired,
+            )
+            self._tasks.append(
+                asyncio.create_task(
+                    self._cleanup_loop(initial=expired > 0), name="sessionstore-cleanup"
+                )
+            )
+
+    async def aclose(self) -> None:
+        """Stop the cleanup task, flush pending writes, close the database (idempotent)."""
+        async with self._start_lock:
+            if self._state == "closed":
+                return
+            self._state = "closed"
+            tasks, self._tasks = self._tasks, []
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            try:
+                if self._writer is not None:
+                    await self._writer.aclose()
+            finally:
+                self._cache.clear()
+                await self._store.close()
+
+    @property
+    def closed(self) -> bool:
+        """True once ``aclose()`` has run."""
+        return self._state == "closed"
+
+    def _running_writer(self) -> GroupCommitWriter:
+        if self._state != "running" or self._writer is None:
+            if self._state == "new":
+                raise ManagerClosedError(
+                    "session manager is not started: use 'async with' or await start()"
+                )
+            raise ManagerClosedError("session manager is closed")
+        return self._writer
+
+    # ----- time policy -----
+
+    def _cutoff(self, now: float | None = None) -> float:
+        return (self._clock() if now is None else now) - self.settings.session_timeout_secs
+
+    def _expired(self, last_activity: float, now: float) -> bool:
+        return last_activity < now - self.settings.session_timeout_secs
+
+    # ----- the API -----
+
+    async def ensure(
+        self, session_id: str | None = None, *, data: Mapping[str, Any] | None = None
+    ) -> Session:
+        """Get the live session ``session_id``, or create it (durable on return).
+
+        Args:
+            session_id: The id to get or create; a new unique id when ``None``.
+            data: Initial data for a session that is created (ignored for one that
+                exists).
+
+        Raises:
+            SessionLimitError: creating it would exceed ``max_concurrent_sessions``.
+            DataTooLargeError, InvalidDataError: ``data`` is unusable.
+            StorageError: the write failed; nothing was created.
+        """
+        writer = self._running_writer()
+        now = self._clock()
+        if session_id is not None:
+            if not isinstance(session_id, str) or not session_id:
+                raise ValueError("session_id must be a non-empty string")
+            live = await self._live_entry(session_id)
+            if live is not None:
+                return self._snapshot(session_id, live)
+        text = self._encode(data or {})
+        new = NewSession(session_id or str(uuid.uuid4()), now, text, session_id is not None)
+        result: CreateResult = await writer.submit("create", new)
+        if result.row is None:
+            raise SessionLimitError(self.settings.max_concurrent_sessions)
+        entry = self._remember(result.row)
+        if result.created:
+            self.counters["created"] += 1
+            log.debug("created session %s", new.session_id)
+        return self._snapshot(new.session_id, entry)
+
+    async def get(self, session_id: str) -> Session | None:
+        """The live session with this id, or ``None`` when absent or expired."""
+        entry = await self._live_entry(session_id)
+        return self._snapshot(session_id, entry) if entry is not None else None
+
+    async def remove(self, session_id: str) -> bool:
+        """Delete the session (durable on return); True if there was one to delete."""
+        writer = self._running_writer()
+        existed: bool = await writer.submit("delete", session_id)
+        self._gone([session_id] if existed else [], "removed")
+        self._cache.pop(session_id, None)
+        return existed
+
+    async def list_ids(self) -> list[str]:
+        """Ids of every live session, most recently active first."""
+        await self._running_writer().flush()
+        return await self._store.live_ids(self._cutoff())
+
+    async def list_sessions(self, limit: int | None = None) -> list[Session]:
+        """Live sessions, most recently active first (at most ``limit``)."""
+        await self._running_writer().flush()
+        rows = await self._store.live_rows(self._cutoff(), limit)
+        return [self._row_snapshot(row) for row in rows]
+
+    async def update_activity(self, session_id: str) -> bool:
+        """Mark the session active now. False when there is no live session to mark.
+
+        Memory changes at once; the database within ``flush_interval_secs``.
+        """
+        writer = self._running_writer()
+        entry = await self._live_entry(session_id)
+        if entry is None:
+            return False
+        now = self._clock()
+        entry.last_activity = now
+        writer.touch(session_id, now)
+        return True
+
+    def is_session_timed_out(self, session: Session) -> bool:
+        """True when the session is closed or idle longer than the timeout.
+
+        Judged on this manager's latest view of the session's activity (newer than the
+        snapshot when ``update_activity`` ran since). Idle time is never negative.
+        """
+        if session.closed:
+            return True
+        entry = self._cache.get(session.session_id)
+        last = entry.last_activity if entry is not None else session.last_activity
+        return self._expired(last, self._clock())
+
+    async def cleanup_stale_sessions(self) -> int:
+        """Delete every expired session (in chunks); returns how many were deleted."""
+        writer = self._running_writer()
+        started = time.perf_counter()
+        now = self._clock()
+        for sid in [s for s, e in self._cache.items() if e.last_activity > now]:
+            self._cache.pop(sid)  # from the future: reload the clamped row
+        total = 0
+        while True:
+            deleted: list[str] = await writer.submit("cleanup", now)
+            self._gone(deleted, "expired")
+            total += len(deleted)
+            if len(deleted) < self.settings.cleanup_chunk_rows:
+                break
+        for sid in [s for s, e in self._cache.items() if self._expired(e.last_activity, now)]:
+            self._cache.pop(sid)
+        self.counters["cleanup_runs"] += 1
+        self.last_cleanup_seconds = time.perf_counter() - started
+        if total:
+            log.info(
+                "cleanup deleted %d expired sessions in %.3fs", total, self.last_cleanup_seconds
+            )
+        return total
+
+    async def get_session_metrics(self) -> dict[str, Any]:
+        """Session counts and ages (seconds), as the in-memory manager reported them.
+
+        Keys: ``total_sessions`` (rows stored, including expired ones cleanup has not
+        deleted yet), ``active_sessions`` (live), ``oldest_session_age``,
+        ``newest_session_age``, ``avg_session_age`` (over live sessions; 0 when none),
+        plus ``max_concurrent_sessions``, ``session_timeout_secs``, ``cached_sessions``,
+        ``pending_activity`` and the lifetime counters.
+        """
+        writer = self._running_writer()
+        await writer.flush()
+        now = self._clock()
+        agg = await self._store.aggregates(self._cutoff(now))
+
+        def age(created: float | None) -> float:
+            return max(0.0, now - created) if created is not None else 0.0
+
+        return {
+            "total_sessions": agg["total"],
+            "active_sessions": agg["live"],
+            "oldest_session_age": age(agg["min_created"]),
+            "newest_session_age": age(agg["max_created"]),
+            "avg_session_age": age(agg["avg_created"]),
+            "max_concurrent_sessions": self.settings.max_concurrent_sessions,
+            "session_timeout_secs": self.settings.session_timeout_secs,
+            "cached_sessions": len(self._cache),
+            "pending_activity": writer.pending_touches,
+            **{f"sessions_{k}_total": v for k, v in self.counters.items()},
+        }
+
+    async def set_data(
+        self,
+        session_id: str,
+        data: Mapping[str, Any] | None = None,
+        *,
+        delete: Iterable[str] = (),
+        replace: bool = False,
+        if_version: int | None = None,
+    ) -> Session:
+        """Change the session's data (durable on return) and return the new snapshot.
+
+        Args:
+            session_id: A live session.
+            data: Keys to set (a shallow merge), or the whole new data with ``replace``.
+            delete: Keys to remove.
+            replace: Replace the data instead of merging into it.
+            if_version: Compare-and-set: apply only if the current version is this.
+
+        Raises:
+            SessionNotFoundError: no live session with that id.
+            VersionConflictError: ``if_version`` did not match; nothing changed.
+            DataTooLargeError, InvalidDataError: the result would be unusable.
+        """
+        writer = self._running_writer()
+        update = dict(data or {})
+        self._encode(update)  # fail early, before queueing, on unencodable values
+        change = _DataChange(session_id, update, tuple(delete), replace, if_version)
+        row: SessionRow = await writer.submit("data", change)
+        return self._snapshot(session_id, self._remember(row))
+
+    # ----- resume tokens (the daemon's bearer credential) -----
+
+    async def issue_token(self, session_id: str) -> str:
+        """Give the session a fresh resume token; the previous one stops working.
+
+        Only the token's SHA-256 is stored. Returns the raw token (>= 256 bits).
+
+        Raises:
+            SessionNotFoundError: no live session with that id.
+        """
+        token = secrets.token_urlsafe(32)
+        ok: bool = await self._running_writer().submit("token", (session_id, hash_token(token)))
+        if not ok:
+            raise SessionNotFoundError(session_id)
+        return token
+
+    async def resume(self, token: str) -> ResumeResult:
+        """The live session that ``token`` belongs to, or the reason there is none.
+
+        The lookup is by the token's hash, so every token costs the same work whether
+        it is well-formed, unknown or expired.
+        """
+        self._running_writer()
+        row = await self._store.fetch_by_token(hash_token(token))
+        if row is None:
+            return ResumeResult(None, "unknown")
+        entry = self._cache.get(row.session_id) or _Entry(row)
+        if self._expired(entry.last_activity, self._clock()):
+            return ResumeResult(None, "expired")
+        self._cache.setdefault(row.session_id, entry)
+        return ResumeResult(self._snapshot(row.session_id, entry), None)
+
+    # ----- removal notifications -----
+
+    def add_removal_listener(self, listener: RemovalListener) -> None:
+        """Call ``listener(session_id, reason)`` whenever this manager deletes a session."""
+        self._listeners.append(listener)
+
+    def remove_removal_listener(self, listener: RemovalListener) -> None:
+        """Stop calling ``listener``."""
+        self._listeners.remove(listener)
+
+    def _gone(self, session_ids: Iterable[str], reason: str) -> None:
+        writer = self._writer
+        for sid in session_ids:
+            self._cache.pop(sid, None)
+            if writer is not None:
+                writer.forget(sid)
+            self.counters["removed" if reason == "removed" else "expired"] += 1
+            for listener in list(self._listeners):
+                try:
+                    listener(sid, reason)
+                except Exception:
+                    log.exception("removal listener failed for session %s", sid)
+
+    # ----- cache -----
+
+    async def _live_entry(self, session_id: str) -> _Entry | None:
+        self._running_writer()
+        now = self._clock()
+        entry = self._cache.get(session_id)
+        if entry is None:
+            row = await self._store.fetch(session_id)
+            if row is None:
+                return None
+            entry = self._cache.get(session_id) or self._remember(row)
+        if self._expired(entry.last_activity, now):
+            self._cache.pop(session_id, None)
+            return None
+        return entry
+
+    def _remember(self, row: SessionRow) -> _Entry:
+        entry = self._cache.get(row.session_id)
+        if entry is None:
+            entry = self._cache[row.session_id] = _Entry(row)
+        else:
+            entry.created_at = row.created_at
+            entry.data = row.data
+            entry.version = row.version
+            entry.last_activity = max(entry.last_activity, row.last_activity)
+        return entry
+
+    @staticmethod
+    def _snapshot(session_id: str, entry: _Entry) -> Session:
+        return Session(
+            session_id,
+            entry.created_at,
+            entry.last_activity,
+            json.loads(entry.data),
+            entry.version,
+        )
+
+    @staticmethod
+    def _row_snapshot(row: SessionRow) -> Session:
+        return Session(
+            row.session_id, row.created_at, row.last_activity, json.loads(row.data), row.version
+        )
+
+    def _encode(self, data: Mapping[str, Any]) -> str:
+        if not isinstance(data, Mapping) or not all(isinstance(k, str) for k in data):
+            raise InvalidDataError("session data must be a JSON object with string keys")
+        try:
+            text = dumps(dict(data))
+        except (TypeError, ValueError) as exc:
+            raise InvalidDataError(f"session data is not JSON-serialisable: {exc}") from exc
+        size = len(text.encode("utf-8", "surrogatepass"))
+        if size > self.settings.max_data_bytes:
+            raise DataTooLargeError(size, self.settings.max_data_bytes)
+        return text
+
+    # ----- writer handlers: run inside the writer's transaction -----
+
+    async def _apply_creates(self, conn: AsyncConnection, new: list[NewSession]) -> list[Any]:
+        return list(
+            await SessionStore.create_many(
+                conn, new, cutoff=self._cutoff(), limit=self.settings.max_concurrent_sessions
+            )
+        )
+
+    async def _apply_deletes(self, conn: AsyncConnection, ids: list[str]) -> list[Any]:
+        deleted = set(await SessionStore.delete_ids(conn, list(dict.fromkeys(ids))))
+        results: list[Any] = []
+        for sid in ids:
+            results.append(sid in deleted)
+            deleted.discard(sid)  # a second remove of the same id in one batch: False
+        return results
+
+    async def _apply_data_changes(
+        self, conn: AsyncConnection, changes: list[_DataChange]
+    ) -> list[Any]:
+        results: list[Any] = []
+        now = self._clock()
+        for change in changes:
+            row = await SessionStore.fetch_for_update(conn, change.session_id)
+            if row is None or self._expired(row.last_activity, now):
+                results.append(SessionNotFoundError(change.session_id))
+                continue
+            if change.if_version is not None and change.if_version != row.version:
+                results.append(
+                    VersionConflictError(change.session_id, change.if_version, row.version)
+                )
+                continue
+            current: dict[str, Any] = {} if change.replace else json.loads(row.data)
+            current.update(change.update)
+            for key in change.delete:
+                current.pop(key, None)
+            try:
+                text = self._encode(current)
+            except (DataTooLargeError, InvalidDataError) as exc:
+                results.append(exc)
+                continue
+            last = max(now, row.last_activity)
+            await SessionStore.store_data(conn, change.session_id, text, row.version + 1, last)
+            results.append(row._replace(data=text, version=row.version + 1, last_activity=last))
+        return results
+
+    async def _apply_tokens(self, conn: AsyncConnection, items: list[tuple[str, str]]) -> list[Any]:
+        now = self._clock()
+        results: list[Any] = []
+        for session_id, token_hash in items:
+            row = await SessionStore.fetch_for_update(conn, session_id)
+            if row is None or self._expired(row.last_activity, now):
+                results.append(False)
+                continue
+            results.append(await SessionStore.store_token(conn, session_id, token_hash))
+        return results
+
+    async def _apply_cleanup_chunk(self, conn: AsyncConnection, nows: list[float]) -> list[Any]:
+        now = nows[0]
+        clamped = await SessionStore.clamp_future(conn, now)
+        if clamped:
+            log.warning(
+                "clock moved backwards: %d sessions had activity in the future", len(clamped)
+            )
+        deleted = await SessionStore.delete_expired_chunk(
+            conn, self._cutoff(now), self.settings.cleanup_chunk_rows
+        )
+        return [deleted]
+
+    async def _cleanup_loop(self, *, initial: bool) -> None:
+        if initial:
+            await self._cleanup_logged()
+        while True:
+            await asyncio.sleep(self.settings.cleanup_interval_secs)
+            await self._cleanup_logged()
+
+    async def _cleanup_logged(self) -> None:
+        try:
+            await self.cleanup_stale_sessions()
+        except ManagerClosedError:
+            raise asyncio.CancelledError from None
+        except Exception:
+            log.exception(
+                "periodic cleanup failed; will retry in %.0fs", self.settings.cleanup_interval_secs
+            )

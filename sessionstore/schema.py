@@ -1,0 +1,36 @@
+"""The database schema: one MetaData, the single source for the store and migrations.
+
+Columns hold plain values an operator can read with the ``sqlite3`` CLI: times are
+Unix epoch seconds (UTC) as REAL, data is JSON text, the resume token is stored only
+as its SHA-256 hex digest.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import Column, Double, Index, Integer, MetaData, String, Table, Text
+from sqlalchemy.dialects.sqlite import REAL
+from sqlalchemy.types import TypeEngine
+
+__all__ = ["READABLE_VIEW", "metadata", "sessions"]
+
+metadata = MetaData()
+
+# REAL on SQLite (what an operator expects in `.schema`), DOUBLE PRECISION elsewhere:
+# epoch seconds need a 64-bit float.
+EpochSeconds: TypeEngine[float] = Double().with_variant(REAL(), "sqlite")
+
+sessions = Table(
+    "sessions",
+    metadata,
+    Column("session_id", String, primary_key=True),
+    Column("created_at", EpochSeconds, nullable=False),
+    Column("last_activity", EpochSeconds, nullable=False),
+    Column("data", Text, nullable=False, server_default="{}"),
+    Column("version", Integer, nullable=False, server_default="1"),
+    Column("token_hash", String, nullable=True),
+    Index("ix_sessions_last_activity", "last_activity"),
+    Index("ix_sessions_token_hash", "token_hash", unique=True),
+)
+
+#: A view with human times, created by migration 0001; ``select * from sessions_readable``.
+READABLE_VIEW = "sessions_readable"

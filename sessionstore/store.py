@@ -1,0 +1,543 @@
+"""The async repository: SQL over SQLAlchemy Core, and nothing else.
+
+The store never reads a clock and holds no policy: callers pass ``now`` and
+``cutoff`` (the oldest ``last_activity`` that still counts as live). Write methods
+take a connection that is already inside a write transaction (see :meth:`write`);
+on SQLite that transaction starts with ``BEGIN IMMEDIATE``, because a deferred
+``BEGIN`` that reads and then writes fails at once with "database is locked" when
+another connection wrote meanwhile, whatever ``busy_timeout`` is.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sqlite3
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NamedTuple, TypeVar
+
+from sqlalchemy import URL, bindparam, delete, event, func, insert, select, update
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+
+from . import migrate
+from .errors import (
+    DatabaseCorruptError,
+    StorageBusyError,
+    StorageError,
+    StorageFullError,
+    StorageReadOnlyError,
+)
+from .schema import sessions
+
+__all__ = ["CreateResult", "NewSession", "SessionRow", "SessionStore", "database_url"]
+
+log = logging.getLogger("sessionstore.store")
+
+T = TypeVar("T")
+
+_COLUMNS = (
+    sessions.c.session_id,
+    sessions.c.created_at,
+    sessions.c.last_activity,
+    sessions.c.data,
+    sessions.c.version,
+)
+
+
+class SessionRow(NamedTuple):
+    """One row of ``sessions`` as stored (``data`` is JSON text)."""
+
+    session_id: str
+    created_at: float
+    last_activity: float
+    data: str
+    version: int
+
+
+@dataclass(frozen=True, slots=True)
+class NewSession:
+    """A session to insert: ``explicit`` ids are get-or-create, generated ids are new."""
+
+    session_id: str
+    now: float
+    data: str = "{}"
+    explicit: bool = False
+
+
+class CreateResult(NamedTuple):
+    """What :meth:`SessionStore.create_many` did for one :class:`NewSession`."""
+
+    row: SessionRow | None  # None: refused by the limit
+    created: bool
+
+
+def database_url(database: str) -> URL:
+    """A SQLAlchemy URL for a filesystem path or a URL, with an async driver."""
+    if "://" not in database:
+        path = Path(database).expanduser().absolute()
+        return URL.create("sqlite+aiosqlite", database=str(path))
+    url = make_url(database)
+    if url.drivername == "sqlite":
+        url = url.set(drivername="sqlite+aiosqlite")
+    elif url.drivername in ("postgresql", "postgres"):
+        url = url.set(drivername="postgresql+asyncpg")
+    return url
+
+
+def _sqlite_path(url: URL) -> Path | None:
+    if url.get_backend_name() != "sqlite":
+        return None
+    if not url.database or url.database == ":memory:" or url.database.startswith("file:"):
+        return None
+    return Path(url.database)
+
+
+def describe(database: str) -> str:
+    """A label for logs and error messages: the path, or the URL without password."""
+    url = database_url(database)
+    path = _sqlite_path(url)
+    return str(path) if path is not None else url.render_as_string(hide_password=True)
+
+
+_ERROR_NAMES: tuple[tuple[tuple[str, ...], type[StorageError], str], ...] = (
+    (("SQLITE_FULL",), StorageFullError, "storage is full"),
+    (("SQLITE_IOERR",), StorageFullError, "I/O error (disk full or file size limit?)"),
+    (("SQLITE_NOTADB",), DatabaseCorruptError, "not a SQLite database"),
+    (("SQLITE_CORRUPT",), DatabaseCorruptError, "database file is corrupt"),
+    (
+        ("SQLITE_READONLY", "SQLITE_CANTOPEN", "SQLITE_PERM", "SQLITE_AUTH"),
+        StorageReadOnlyError,
+        "database is not writable",
+    ),
+    (("SQLITE_BUSY", "SQLITE_LOCKED"), StorageBusyError, "database is locked"),
+)
+
+_ERROR_TEXT = (
+    ("disk is full", StorageFullError, "storage is full"),
+    ("disk i/o error", StorageFullError, "I/O error (disk full or file size limit?)"),
+    ("file is not a database", DatabaseCorruptError, "not a SQLite database"),
+    ("malformed", DatabaseCorruptError, "database file is corrupt"),
+    ("readonly", StorageReadOnlyError, "database is not writable"),
+    ("unable to open", StorageReadOnlyError, "database cannot be opened"),
+    ("locked", StorageBusyError, "database is locked"),
+)
+
+
+def translate_error(exc: BaseException, label: str) -> StorageError | None:
+    """Map a driver error to the package's error tree, or ``None`` if it is not one."""
+    orig: BaseException = exc.orig if isinstance(exc, DBAPIError) and exc.orig else exc
+    name = getattr(orig, "sqlite_errorname", "") or ""
+    text = str(orig).lower()
+    for prefixes, kind, what in _ERROR_NAMES:
+        if name and name.startswith(prefixes):
+            return kind(f"{label}: {what} ({orig})")
+    if isinstance(orig, sqlite3.Error) or isinstance(exc, DBAPIError):
+        for needle, kind, what in _ERROR_TEXT:
+            if needle in text:
+                return kind(f"{label}: {what} ({orig})")
+    if isinstance(exc, DBAPIError):
+        return StorageError(f"{label}: {orig}")
+    if isinstance(exc, PermissionError):
+        return StorageReadOnlyError(f"{label}: {exc}")
+    return None
+
+
+def create_file_private(path: Path) -> None:
+    """Create an empty database file with mode 0600 unless something is there already.
+
+    SQLite creates ``-wal`` and ``-shm`` with the main file's mode, so they are
+    private too. An existing file is never touched.
+    """
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return
+    os.close(fd)
+
+
+def make_engine(
+    url: URL, *, synchronous: str = "FULL", busy_timeout_ms: int = 5000, pool_size: int = 4
+) -> AsyncEngine:
+    """An async engine with sessionstore's connection set-up.
+
+    On SQLite every connection gets ``busy_timeout``, ``synchronous`` and
+    ``foreign_keys``; the driver's own transaction handling is switched off so that
+    transactions begin with our own ``BEGIN IMMEDIATE`` (writes) or not at all
+    (reads on :meth:`SessionStore.reader`, which run as single autocommit statements
+    and so can never pin a WAL snapshot).
+    """
+    if url.get_backend_name() != "sqlite":
+        return create_async_engine(
+            url, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True
+        )
+    engine = create_async_engine(url, pool_size=pool_size, max_overflow=0)
+
+    @event.listens_for(engine.sync_engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        try:
+            cursor.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
+            cursor.execute(f"PRAGMA synchronous = {synchronous}")
+            cursor.execute("PRAGMA foreign_keys = ON")
+        finally:
+            cursor.close()
+
+    @event.listens_for(engine.sync_engine, "begin")
+    def _on_begin(conn: Any) -> None:
+        if not conn.get_execution_options().get("sessionstore_autocommit"):
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+    return engine
+
+
+class SessionStore:
+    """Persistence for sessions: open/validate/migrate the database and run SQL.
+
+    Args:
+        database: A filesystem path (SQLite) or a SQLAlchemy URL.
+        synchronous: SQLite ``synchronous`` pragma (``FULL`` or ``NORMAL``).
+        busy_timeout_ms: How long SQLite waits for another writer's lock.
+    """
+
+    def __init__(
+        self, database: str, *, synchronous: str = "FULL", busy_timeout_ms: int = 5000
+    ) -> None:
+        self.url = database_url(database)
+        self.path = _sqlite_path(self.url)
+        self.label = describe(database)
+        self._synchronous = synchronous
+        self._busy_timeout_ms = busy_timeout_ms
+        self._engine: AsyncEngine | None = None
+        self._reader: AsyncEngine | None = None
+
+    @property
+    def dialect(self) -> str:
+        """``sqlite`` or ``postgresql``."""
+        return self.url.get_backend_name()
+
+    @property
+    def engine(self) -> AsyncEngine:
+        """The engine (writes begin a write transaction)."""
+        if self._engine is None:
+            raise StorageError(f"{self.label}: store is not open")
+        return self._engine
+
+    @property
+    def reader(self) -> AsyncEngine:
+        """The same pool, for reads that run without an explicit transaction."""
+        if self._reader is None:
+            raise StorageError(f"{self.label}: store is not open")
+        return self._reader
+
+    async def open(self, *, upgrade: bool = True) -> migrate.SchemaState:
+        """Open the engine, refuse foreign or unknown databases, migrate to head.
+
+        Nothing is written before the file is known to be a SQLite database that is
+        empty or ours. Returns the schema state found before any upgrade.
+
+        Raises:
+            DatabaseCorruptError, ForeignDatabaseError, UnknownRevisionError,
+            StorageReadOnlyError, StorageError: the database cannot be used; it is
+            left as it was.
+        """
+        if self.path is not None:
+            if not self.path.parent.is_dir():
+                raise StorageError(f"{self.label}: directory {self.path.parent} does not exist")
+            if self.path.is_dir():
+                raise StorageError(f"{self.label}: is a directory, not a database file")
+            try:
+                create_file_private(self.path)
+            except PermissionError as exc:
+                raise StorageReadOnlyError(f"{self.label}: cannot create: {exc}") from exc
+        self._engine = make_engine(
+            self.url, synchronous=self._synchronous, busy_timeout_ms=self._busy_timeout_ms
+        )
+        self._reader = self._engine.execution_options(sessionstore_autocommit=True)
+        try:
+            async with self.guard():
+                async with self._reader.connect() as conn:
+                    state = await conn.run_sync(migrate.inspect_schema)
+                migrate.validate(state, self.label)
+                if self.dialect == "sqlite":
+                    await self._enable_wal()
+                if upgrade and state.revision != migrate.head_revision():
+                    async with self._engine.begin() as conn:
+                        await conn.run_sync(migrate.upgrade_locked, self.label)
+        except BaseException:
+            await self.close()
+            raise
+        return state
+
+    async def _enable_wal(self) -> None:
+        async with self.reader.connect() as conn:
+            mode = (await conn.exec_driver_sql("PRAGMA journal_mode")).scalar_one()
+            if str(mode).lower() != "wal":
+                mode = (await conn.exec_driver_sql("PRAGMA journal_mode = WAL")).scalar_one()
+            if str(mode).lower() != "wal":
+                raise StorageError(f"{self.label}: could not enable WAL (journal_mode={mode})")
+
+    async def close(self) -> None:
+        """Dispose of the engine and every pooled connection (idempotent)."""
+        engine, self._engine, self._reader = self._engine, None, None
+        if engine is not None:
+            await engine.dispose()
+
+    @asynccontextmanager
+    async def guard(self) -> AsyncIterator[None]:
+        """Translate driver errors into the package's :class:`StorageError` tree."""
+        try:
+            yield
+        except StorageError:
+            raise
+        except (DBAPIError, sqlite3.Error, PermissionError) as exc:
+            translated = translate_error(exc, self.label)
+            if translated is None:
+                raise
+            raise translated from exc
+
+    async def write(self, work: Callable[[AsyncConnection], Awaitable[T]]) -> T:
+        """Run ``work`` in one write transaction (``BEGIN IMMEDIATE`` on SQLite).
+
+        Commits when ``work`` returns, rolls back when it raises; either way the
+        connection goes back to the pool outside any transaction.
+        """
+        async with self.guard(), self.engine.begin() as conn:
+            if self.dialect == "postgresql":
+                # One writer at a time per database, like SQLite's write lock: this
+                # is what makes the live-session count and the insert atomic.
+                await conn.execute(select(func.pg_advisory_xact_lock(0x5E55)))
+            return await work(conn)
+
+    # ----- reads (no transaction is held past one statement) -----
+
+    async def fetch(self, session_id: str) -> SessionRow | None:
+        """The row for ``session_id``, expired or not, or ``None``."""
+        stmt = select(*_COLUMNS).where(sessions.c.session_id == session_id)
+        async with self.guard(), self.reader.connect() as conn:
+            row = (await conn.execute(stmt)).first()
+        return SessionRow(*row) if row is not None else None
+
+    async def fetch_by_token(self, token_hash: str) -> SessionRow | None:
+        """The row whose resume-token hash is ``token_hash``, or ``None``."""
+        stmt = select(*_COLUMNS).where(sessions.c.token_hash == token_hash)
+        async with self.guard(), self.reader.connect() as conn:
+            row = (await conn.execute(stmt)).first()
+        return SessionRow(*row) if row is not None else None
+
+    async def live_rows(self, cutoff: float, limit: int | None = None) -> list[SessionRow]:
+        """Live rows (``last_activity >= cutoff``), most recently active first."""
+        stmt = (
+            select(*_COLUMNS)
+            .where(sessions.c.last_activity >= cutoff)
+            .order_by(sessions.c.last_activity.desc())
+            .limit(limit)
+        )
+        async with self.guard(), self.reader.connect() as conn:
+            return [SessionRow(*r) for r in await conn.execute(stmt)]
+
+    async def live_ids(self, cutoff: float) -> list[str]:
+        """Ids of live sessions, most recently active first (an index walk)."""
+        stmt = (
+            select(sessions.c.session_id)
+            .where(sessions.c.last_activity >= cutoff)
+            .order_by(sessions.c.last_activity.desc())
+        )
+        async with self.guard(), self.reader.connect() as conn:
+            return list((await conn.execute(stmt)).scalars())
+
+    async def existing_ids(self, session_ids: Sequence[str]) -> set[str]:
+        """Which of ``session_ids`` still have a row."""
+        found: set[str] = set()
+        async with self.guard(), self.reader.connect() as conn:
+            for start in range(0, len(session_ids), 500):
+                chunk = session_ids[start : start + 500]
+                stmt = select(sessions.c.session_id).where(sessions.c.session_id.in_(chunk))
+                found.update((await conn.execute(stmt)).scalars())
+        return found
+
+    async def count_split(self, cutoff: float) -> tuple[int, int]:
+        """``(live, expired)`` row counts; each an index range count."""
+        live = select(func.count()).where(sessions.c.last_activity >= cutoff)
+        expired = select(func.count()).where(sessions.c.last_activity < cutoff)
+        async with self.guard(), self.reader.connect() as conn:
+            n_live = (await conn.execute(live)).scalar_one()
+            n_expired = (await conn.execute(expired)).scalar_one()
+        return int(n_live), int(n_expired)
+
+    async def aggregates(self, cutoff: float) -> dict[str, Any]:
+        """Counts and created_at min/max/avg over live rows, plus the total row count."""
+        live = sessions.c.last_activity >= cutoff
+        stmt = select(
+            func.count(),
+            func.min(sessions.c.created_at),
+            func.max(sessions.c.created_at),
+            func.avg(sessions.c.created_at),
+        ).where(live)
+        total = select(func.count()).select_from(sessions)
+        async with self.guard(), self.reader.connect() as conn:
+            n_live, oldest, newest, mean = (await conn.execute(stmt)).one()
+            n_total = (await conn.execute(total)).scalar_one()
+        return {
+            "live": int(n_live),
+            "total": int(n_total),
+            "min_created": oldest,
+            "max_created": newest,
+            "avg_created": mean,
+        }
+
+    # ----- writes: each runs on a connection inside `write` -----
+
+    @staticmethod
+    async def count_live(conn: AsyncConnection, cutoff: float) -> int:
+        """Live rows, counted inside the caller's write transaction."""
+        stmt = select(func.count()).where(sessions.c.last_activity >= cutoff)
+        return int((await conn.execute(stmt)).scalar_one())
+
+    @classmethod
+    async def create_many(
+        cls,
+        conn: AsyncConnection,
+        new: Sequence[NewSession],
+        *,
+        cutoff: float,
+        limit: int,
+    ) -> list[CreateResult]:
+        """Insert sessions in one statement, honouring ``limit`` live sessions (0: none).
+
+        An explicit id that already has a live row is returned as it is (get-or-create,
+        never overwrite); one whose row has expired is replaced by a new session.
+        """
+        results: list[CreateResult | None] = [None] * len(new)
+        explicit = list({n.session_id for n in new if n.explicit})
+        existing: dict[str, SessionRow] = {}
+        for start in range(0, len(explicit), 500):
+            chunk = explicit[start : start + 500]
+            stmt = select(*_COLUMNS).where(sessions.c.session_id.in_(chunk))
+            existing.update((r[0], SessionRow(*r)) for r in await conn.execute(stmt))
+        stale = [sid for sid, row in existing.items() if row.last_activity < cutoff]
+        if stale:
+            await conn.execute(delete(sessions).where(sessions.c.session_id.in_(stale)))
+            for sid in stale:
+                del existing[sid]
+        room = (limit - await cls.count_live(conn, cutoff)) if limit else len(new)
+        to_insert: list[dict[str, Any]] = []
+        made: dict[str, SessionRow] = {}
+        for i, n in enumerate(new):
+            row = existing.get(n.session_id) or made.get(n.session_id)
+            if row is not None:
+                results[i] = CreateResult(row, False)
+                continue
+            if room <= 0:
+                results[i] = CreateResult(None, False)
+                continue
+            room -= 1
+            row = SessionRow(n.session_id, n.now, n.now, n.data, 1)
+            made[n.session_id] = row
+            to_insert.append(row._asdict())
+            results[i] = CreateResult(row, True)
+        if to_insert:
+            await conn.execute(insert(sessions), to_insert)
+        return [r for r in results if r is not None]
+
+    @staticmethod
+    async def touch_many(conn: AsyncConnection, touches: Iterable[tuple[str, float]]) -> None:
+        """Set ``last_activity`` for many sessions in one executemany."""
+        params = [{"sid": sid, "ts": ts} for sid, ts in touches]
+        if not params:
+            return
+        stmt = (
+            update(sessions)
+            .where(sessions.c.session_id == bindparam("sid"))
+            .values(last_activity=bindparam("ts"))
+        )
+        await conn.execute(stmt, params)
+
+    @staticmethod
+    async def delete_ids(conn: AsyncConnection, session_ids: Sequence[str]) -> list[str]:
+        """Delete these sessions; returns the ids that had a row."""
+        if not session_ids:
+            return []
+        stmt = (
+            delete(sessions)
+            .where(sessions.c.session_id.in_(session_ids))
+            .returning(sessions.c.session_id)
+        )
+        return list((await conn.execute(stmt)).scalars())
+
+    @staticmethod
+    def expired_chunk_statement(cutoff: float, chunk: int) -> Any:
+        """The cleanup DELETE: the raw indexed column against a bound cutoff."""
+        victims = (
+            select(sessions.c.session_id)
+            .where(sessions.c.last_activity < bindparam("cutoff", cutoff))
+            .limit(bindparam("chunk", chunk))
+            .scalar_subquery()
+        )
+        return (
+            delete(sessions)
+            .where(sessions.c.session_id.in_(victims))
+            .returning(sessions.c.session_id)
+        )
+
+    @classmethod
+    async def delete_expired_chunk(
+        cls, conn: AsyncConnection, cutoff: float, chunk: int
+    ) -> list[str]:
+        """Delete at most ``chunk`` rows with ``last_activity < cutoff``; their ids."""
+        result = await conn.execute(cls.expired_chunk_statement(cutoff, chunk))
+        return list(result.scalars())
+
+    @staticmethod
+    async def clamp_future(conn: AsyncConnection, now: float) -> list[str]:
+        """Pull ``last_activity`` values from the future back to ``now``.
+
+        After the clock jumps backwards, such sessions would otherwise look idle for
+        0 seconds until the clock caught up: immortal for as long as the jump.
+        """
+        stmt = (
+            update(sessions)
+            .where(sessions.c.last_activity > now)
+            .values(last_activity=now)
+            .returning(sessions.c.session_id)
+        )
+        return list((await conn.execute(stmt)).scalars())
+
+    @staticmethod
+    async def fetch_for_update(conn: AsyncConnection, session_id: str) -> SessionRow | None:
+        """The row inside a write transaction (the write lock is already held)."""
+        stmt = select(*_COLUMNS).where(sessions.c.session_id == session_id)
+        row = (await conn.execute(stmt)).first()
+        return SessionRow(*row) if row is not None else None
+
+    @staticmethod
+    async def store_data(
+        conn: AsyncConnection, session_id: str, data: str, version: int, now: float
+    ) -> None:
+        """Write new data and version; the data change also counts as activity."""
+        await conn.execute(
+            update(sessions)
+            .where(sessions.c.session_id == session_id)
+            .values(data=data, version=version, last_activity=now)
+        )
+
+    @staticmethod
+    async def store_token(conn: AsyncConnection, session_id: str, token_hash: str | None) -> bool:
+        """Replace the session's resume-token hash; False if the session has no row."""
+        result = await conn.execute(
+            update(sessions)
+            .where(sessions.c.session_id == session_id)
+            .values(token_hash=token_hash)
+        )
+        return bool(result.rowcount)
+
+
+def dumps(data: Any) -> str:
+    """Compact JSON text for storage."""
+    return json.dumps(data, separators=(",", ":"), ensure_ascii=False, allow_nan=False)

@@ -1,0 +1,209 @@
+"""Group commit: one task performs every write, so concurrent writes share a transaction.
+
+Callers submit a request and await its future; the writer takes everything queued,
+runs it in one write transaction and releases each caller only after that commit.
+Because the transaction runs in the writer's own task, cancelling a caller can never
+strand a half-done transaction or leave the write lock held: a request cancelled
+before its batch starts is skipped (the row stays old), one cancelled later is
+committed (the row is new), and nothing in between exists.
+
+Activity touches are not requests: they sit in a dict (last value wins) and are
+written by the next transaction, or after ``flush_interval`` at the latest.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+from collections import deque
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from .errors import ManagerClosedError
+from .store import SessionStore
+
+__all__ = ["BatchHandler", "GroupCommitWriter"]
+
+log = logging.getLogger("sessionstore.writer")
+
+#: Applies a run of same-kind requests inside the open transaction and returns one
+#: result per argument; a result that is an exception is raised to that caller only.
+BatchHandler = Callable[[AsyncConnection, list[Any]], Awaitable[list[Any]]]
+
+
+class _Request:
+    __slots__ = ("arg", "future", "kind")
+
+    def __init__(self, kind: str, arg: Any, future: asyncio.Future[Any]) -> None:
+        self.kind = kind
+        self.arg = arg
+        self.future = future
+
+
+class GroupCommitWriter:
+    """The single writer of one manager.
+
+    Args:
+        store: The open store whose ``write`` runs each transaction.
+        handlers: Request kind -> batch handler.
+        exclusive: Kinds that get a transaction to themselves (cleanup chunks, so a
+            long delete never delays the creates queued behind it by more than one chunk).
+        flush_interval: Longest time a touch waits before it is written (seconds).
+        max_batch: Most requests in one transaction.
+    """
+
+    def __init__(
+        self,
+        store: SessionStore,
+        handlers: dict[str, BatchHandler],
+        *,
+        exclusive: Sequence[str] = (),
+        flush_interval: float = 1.0,
+        max_batch: int = 2000,
+    ) -> None:
+        self._store = store
+        self._handlers = dict(handlers)
+        self._handlers.setdefault("barrier", _barrier)
+        self._exclusive = frozenset(exclusive)
+        self._flush_interval = flush_interval
+        self._max_batch = max_batch
+        self._queue: deque[_Request] = deque()
+        self._pending: dict[str, float] = {}
+        self._deadline: float | None = None
+        self._wakeup = asyncio.Event()
+        self._closing = False
+        self._task: asyncio.Task[None] | None = None
+        self.last_flush_lag = 0.0
+        self.transactions = 0
+
+    def start(self) -> None:
+        """Start the writer task."""
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name="sessionstore-writer")
+
+    @property
+    def pending_touches(self) -> int:
+        """Touches not yet written."""
+        return len(self._pending)
+
+    def touch(self, session_id: str, ts: float) -> None:
+        """Record activity; written by the next transaction, within ``flush_interval``."""
+        if self._closing:
+            raise ManagerClosedError("session manager is closed")
+        self._pending[session_id] = ts
+        if self._deadline is None:
+            self._deadline = asyncio.get_running_loop().time() + self._flush_interval
+            self._wakeup.set()
+
+    def forget(self, session_id: str) -> None:
+        """Drop a pending touch (the session is gone)."""
+        self._pending.pop(session_id, None)
+
+    async def submit(self, kind: str, arg: Any = None) -> Any:
+        """Queue one write and wait until the transaction holding it has committed."""
+        if self._closing or self._task is None:
+            raise ManagerClosedError("session manager is closed")
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._queue.append(_Request(kind, arg, future))
+        self._wakeup.set()
+        return await future
+
+    async def flush(self) -> None:
+        """Write every pending touch now."""
+        if self._pending:
+            await self.submit("barrier")
+
+    async def aclose(self) -> None:
+        """Finish everything queued and every pending touch, then stop (idempotent)."""
+        self._closing = True
+        self._wakeup.set()
+        if self._task is not None:
+            # Shielded: a caller cancelled during shutdown must not cut the final commit.
+            await asyncio.shield(self._task)
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            if not self._queue:
+                if self._closing and not self._pending:
+                    return
+                timeout = None
+                if self._deadline is not None and not self._closing:
+                    timeout = max(0.0, self._deadline - loop.time())
+                if not self._closing:
+                    self._wakeup.clear()
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._wakeup.wait(), timeout)
+            batch = self._take()
+            due = self._deadline is not None and (self._closing or loop.time() >= self._deadline)
+            if batch or (due and self._pending):
+                await self._commit(batch)
+            elif self._closing and not self._queue and not self._pending:
+                return
+
+    def _take(self) -> list[_Request]:
+        batch: list[_Request] = []
+        while self._queue and len(batch) < self._max_batch:
+            request = self._queue[0]
+            if request.future.cancelled():
+                self._queue.popleft()
+                continue
+            if request.kind in self._exclusive and batch:
+                break
+            self._queue.popleft()
+            batch.append(request)
+            if request.kind in self._exclusive:
+                break
+        return batch
+
+    async def _commit(self, batch: list[_Request]) -> None:
+        touches, self._pending, self._deadline = self._pending, {}, None
+        started = asyncio.get_running_loop().time()
+
+        async def work(conn: AsyncConnection) -> list[Any]:
+            if touches:
+                await SessionStore.touch_many(conn, touches.items())
+            results: list[Any] = []
+            for kind, run in itertools.groupby(batch, key=lambda r: r.kind):
+                args = [r.arg for r in run]
+                out = await self._handlers[kind](conn, args)
+                if len(out) != len(args):
+                    raise RuntimeError(f"handler {kind!r} returned {len(out)} results")
+                results.extend(out)
+            return results
+
+        try:
+            results = await self._store.write(work)
+        except Exception as exc:
+            # Nothing committed: keep the touches for the next try (newer ones win).
+            for sid, ts in touches.items():
+                self._pending.setdefault(sid, ts)
+            if self._pending and self._deadline is None:
+                self._deadline = asyncio.get_running_loop().time() + self._flush_interval
+            if not batch:
+                log.warning("activity flush failed, will retry: %s", exc)
+            for request in batch:
+                if not request.future.done():
+                    request.future.set_exception(exc)
+            if self._closing and not batch:
+                # Shutting down and the disk refuses: do not spin; report and drop.
+                log.error("dropping %d unflushed activity touches: %s", len(self._pending), exc)
+                self._pending.clear()
+            return
+        self.transactions += 1
+        self.last_flush_lag = asyncio.get_running_loop().time() - started
+        for request, result in zip(batch, results, strict=True):
+            if request.future.done():
+                continue
+            if isinstance(result, BaseException):
+                request.future.set_exception(result)
+            else:
+                request.future.set_result(result)
+
+
+async def _barrier(_conn: AsyncConnection, args: list[Any]) -> list[Any]:
+    return [None] * len(args)
