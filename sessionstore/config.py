@@ -8,6 +8,8 @@ Environment variables (the in-memory manager's names are kept):
 - ``SESSION_CLEANUP_INTERVAL``: seconds between cleanup passes (default 300)
 - ``SESSION_FLUSH_INTERVAL``: longest delay before activity reaches disk (default 1.0)
 - ``SESSION_MAX_DATA_BYTES``: largest JSON data per session (default 65536)
+- ``SESSION_REFRESH_INTERVAL``: seconds between re-reads of cached sessions, which
+  bounds how long a session deleted by another process is still served (default 5; 0 off)
 - ``SESSIONSTORE_SYNCHRONOUS``: SQLite ``synchronous`` pragma, FULL or NORMAL (default FULL)
 """
 
@@ -29,6 +31,7 @@ _ENV: dict[str, tuple[str, type]] = {
     "cleanup_interval_secs": ("SESSION_CLEANUP_INTERVAL", float),
     "flush_interval_secs": ("SESSION_FLUSH_INTERVAL", float),
     "max_data_bytes": ("SESSION_MAX_DATA_BYTES", int),
+    "refresh_interval_secs": ("SESSION_REFRESH_INTERVAL", float),
     "synchronous": ("SESSIONSTORE_SYNCHRONOUS", str),
 }
 
@@ -50,6 +53,8 @@ class Settings:
     synchronous: str = "FULL"
     busy_timeout_ms: int = 5000
     cleanup_chunk_rows: int = 2000
+    tombstone_retention_secs: float = 7 * 86400.0
+    refresh_interval_secs: float = 5.0
 
     def __post_init__(self) -> None:
         positive = (
@@ -64,6 +69,8 @@ class Settings:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")
         if self.max_concurrent_sessions < 0:
             raise ValueError("max_concurrent_sessions must be >= 0 (0 means no limit)")
+        if self.refresh_interval_secs < 0:
+            raise ValueError("refresh_interval_secs must be >= 0 (0 disables it)")
         if self.busy_timeout_ms < 0:
             raise ValueError("busy_timeout_ms must be >= 0")
         sync = self.synchronous.upper()

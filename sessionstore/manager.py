@@ -51,7 +51,7 @@ log = logging.getLogger("sessionstore.manager")
 #: ``"removed"`` or ``"expired"``.
 RemovalListener = Callable[[str, str], None]
 
-ResumeReason = Literal["unknown", "expired"]
+ResumeReason = Literal["unknown", "expired", "revoked"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -258,6 +258,10 @@ class SessionManager:
                     self._cleanup_loop(initial=expired > 0), name="sessionstore-cleanup"
                 )
             )
+            if self.settings.refresh_interval_secs:
+                self._tasks.append(
+                    asyncio.create_task(self._refresh_loop(), name="sessionstore-refresh")
+                )
 
     async def aclose(self) -> None:
         """Stop the cleanup task, flush pending writes, close the database (idempotent)."""
@@ -340,7 +344,10 @@ class SessionManager:
         return self._snapshot(session_id, entry) if entry is not None else None
 
     async def remove(self, session_id: str) -> bool:
-        """Delete the session (durable on return); True if there was one to delete."""
+        """Delete the session (durable on return); True if there was one to delete.
+
+        A resume with the session's token afterwards fails with reason ``revoked``.
+        """
         writer = self._running_writer()
         existed: bool = await writer.submit("delete", session_id)
         self._gone([session_id] if existed else [], "removed")
@@ -487,18 +494,47 @@ class SessionManager:
     async def resume(self, token: str) -> ResumeResult:
         """The live session that ``token`` belongs to, or the reason there is none.
 
-        The lookup is by the token's hash, so every token costs the same work whether
-        it is well-formed, unknown or expired.
+        Reasons: ``expired`` (idle past the timeout, deleted or not yet), ``revoked``
+        (removed, logged out, or a token that has since been rotated), ``unknown``
+        (anything else). Every token costs the same two indexed lookups by its hash,
+        whatever its shape, so the reason does not leak through timing.
         """
         self._running_writer()
-        row = await self._store.fetch_by_token(hash_token(token))
+        digest = hash_token(token)
+        row = await self._store.fetch_by_token(digest)
+        grave = await self._store.tombstone_reason(digest)
         if row is None:
-            return ResumeResult(None, "unknown")
+            reason: ResumeReason = "expired" if grave == "expired" else "revoked"
+            return ResumeResult(None, reason if grave else "unknown")
         entry = self._cache.get(row.session_id) or _Entry(row)
         if self._expired(entry.last_activity, self._clock()):
             return ResumeResult(None, "expired")
         self._cache.setdefault(row.session_id, entry)
         return ResumeResult(self._snapshot(row.session_id, entry), None)
+
+    async def refresh(self, session_ids: Iterable[str] | None = None) -> list[str]:
+        """Re-read cached sessions; forget those another process deleted.
+
+        Another process on the same database (the admin CLI, a second daemon) may
+        delete or change a session this manager holds in memory. The manager runs this
+        every ``refresh_interval_secs`` for every cached session, which bounds how long
+        it can serve such a stale session; call it directly to look now.
+
+        Args:
+            session_ids: Which cached sessions to check (default: all of them).
+
+        Returns:
+            The ids found deleted; removal listeners hear of them (reason ``removed``).
+        """
+        self._running_writer()
+        ids = list(self._cache if session_ids is None else session_ids)
+        rows = {row.session_id: row for row in await self._store.fetch_many(ids)}
+        gone = [sid for sid in ids if sid not in rows and sid in self._cache]
+        for sid, row in rows.items():
+            if sid in self._cache:
+                self._remember(row)
+        self._gone(gone, "removed")
+        return gone
 
     # ----- removal notifications -----
 
@@ -588,7 +624,11 @@ class SessionManager:
         )
 
     async def _apply_deletes(self, conn: AsyncConnection, ids: list[str]) -> list[Any]:
-        deleted = set(await SessionStore.delete_ids(conn, list(dict.fromkeys(ids))))
+        deleted = set(
+            await SessionStore.delete_ids(
+                conn, list(dict.fromkeys(ids)), reason="revoked", now=self._clock()
+            )
+        )
         results: list[Any] = []
         for sid in ids:
             results.append(sid in deleted)
@@ -632,7 +672,7 @@ class SessionManager:
             if row is None or self._expired(row.last_activity, now):
                 results.append(False)
                 continue
-            results.append(await SessionStore.store_token(conn, session_id, token_hash))
+            results.append(await SessionStore.store_token(conn, session_id, token_hash, now=now))
         return results
 
     async def _apply_cleanup_chunk(self, conn: AsyncConnection, nows: list[float]) -> list[Any]:
@@ -643,9 +683,21 @@ class SessionManager:
                 "clock moved backwards: %d sessions had activity in the future", len(clamped)
             )
         deleted = await SessionStore.delete_expired_chunk(
-            conn, self._cutoff(now), self.settings.cleanup_chunk_rows
+            conn, self._cutoff(now), self.settings.cleanup_chunk_rows, now=now
         )
+        if len(deleted) < self.settings.cleanup_chunk_rows:
+            await SessionStore.purge_tombstones(conn, now - self.settings.tombstone_retention_secs)
         return [deleted]
+
+    async def _refresh_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.refresh_interval_secs)
+            try:
+                await self.refresh()
+            except ManagerClosedError:
+                return
+            except Exception:
+                log.exception("refreshing cached sessions failed")
 
     async def _cleanup_loop(self, *, initial: bool) -> None:
         if initial:

@@ -11,7 +11,7 @@ from sqlalchemy import Column, Double, Index, Integer, MetaData, String, Table, 
 from sqlalchemy.dialects.sqlite import REAL
 from sqlalchemy.types import TypeEngine
 
-__all__ = ["READABLE_VIEW", "metadata", "sessions"]
+__all__ = ["READABLE_VIEW", "metadata", "sessions", "tombstones"]
 
 metadata = MetaData()
 
@@ -30,6 +30,18 @@ sessions = Table(
     Column("token_hash", String, nullable=True),
     Index("ix_sessions_last_activity", "last_activity"),
     Index("ix_sessions_token_hash", "token_hash", unique=True),
+)
+
+# Token hashes of deleted sessions (only those that had a token), kept for a while so
+# a failed resume can answer "expired" or "revoked" rather than "unknown".
+tombstones = Table(
+    "session_tombstones",
+    metadata,
+    Column("token_hash", String, primary_key=True),
+    Column("session_id", String, nullable=False),
+    Column("reason", String, nullable=False),
+    Column("removed_at", EpochSeconds, nullable=False),
+    Index("ix_session_tombstones_removed_at", "removed_at"),
 )
 
 #: A view with human times, created by migration 0001; ``select * from sessions_readable``.

@@ -33,7 +33,7 @@ from .errors import (
     StorageFullError,
     StorageReadOnlyError,
 )
-from .schema import sessions
+from .schema import sessions, tombstones
 
 __all__ = ["CreateResult", "NewSession", "SessionRow", "SessionStore", "database_url"]
 
@@ -352,15 +352,15 @@ class SessionStore:
         async with self.guard(), self.reader.connect() as conn:
             return list((await conn.execute(stmt)).scalars())
 
-    async def existing_ids(self, session_ids: Sequence[str]) -> set[str]:
-        """Which of ``session_ids`` still have a row."""
-        found: set[str] = set()
+    async def fetch_many(self, session_ids: Sequence[str]) -> list[SessionRow]:
+        """The rows that still exist among ``session_ids`` (500 ids a statement)."""
+        rows: list[SessionRow] = []
         async with self.guard(), self.reader.connect() as conn:
             for start in range(0, len(session_ids), 500):
                 chunk = session_ids[start : start + 500]
-                stmt = select(sessions.c.session_id).where(sessions.c.session_id.in_(chunk))
-                found.update((await conn.execute(stmt)).scalars())
-        return found
+                stmt = select(*_COLUMNS).where(sessions.c.session_id.in_(chunk))
+                rows.extend(SessionRow(*r) for r in await conn.execute(stmt))
+        return rows
 
     async def count_split(self, cutoff: float) -> tuple[int, int]:
         """``(live, expired)`` row counts; each an index range count."""
@@ -460,16 +460,32 @@ class SessionStore:
         await conn.execute(stmt, params)
 
     @staticmethod
-    async def delete_ids(conn: AsyncConnection, session_ids: Sequence[str]) -> list[str]:
-        """Delete these sessions; returns the ids that had a row."""
+    async def _bury(
+        conn: AsyncConnection, deleted: Sequence[Any], reason: str, now: float
+    ) -> list[str]:
+        """Tombstone the token hashes of deleted ``(session_id, token_hash)`` rows."""
+        graves = [
+            {"token_hash": h, "session_id": sid, "reason": reason, "removed_at": now}
+            for sid, h in deleted
+            if h is not None
+        ]
+        if graves:
+            await conn.execute(insert(tombstones), graves)
+        return [sid for sid, _ in deleted]
+
+    @classmethod
+    async def delete_ids(
+        cls, conn: AsyncConnection, session_ids: Sequence[str], *, reason: str, now: float
+    ) -> list[str]:
+        """Delete these sessions (tombstoning their tokens); the ids that had a row."""
         if not session_ids:
             return []
         stmt = (
             delete(sessions)
             .where(sessions.c.session_id.in_(session_ids))
-            .returning(sessions.c.session_id)
+            .returning(sessions.c.session_id, sessions.c.token_hash)
         )
-        return list((await conn.execute(stmt)).scalars())
+        return await cls._bury(conn, (await conn.execute(stmt)).all(), reason, now)
 
     @staticmethod
     def expired_chunk_statement(cutoff: float, chunk: int) -> Any:
@@ -483,16 +499,28 @@ class SessionStore:
         return (
             delete(sessions)
             .where(sessions.c.session_id.in_(victims))
-            .returning(sessions.c.session_id)
+            .returning(sessions.c.session_id, sessions.c.token_hash)
         )
 
     @classmethod
     async def delete_expired_chunk(
-        cls, conn: AsyncConnection, cutoff: float, chunk: int
+        cls, conn: AsyncConnection, cutoff: float, chunk: int, *, now: float
     ) -> list[str]:
         """Delete at most ``chunk`` rows with ``last_activity < cutoff``; their ids."""
         result = await conn.execute(cls.expired_chunk_statement(cutoff, chunk))
-        return list(result.scalars())
+        return await cls._bury(conn, result.all(), "expired", now)
+
+    @staticmethod
+    async def purge_tombstones(conn: AsyncConnection, before: float) -> int:
+        """Forget tombstones older than ``before``."""
+        result = await conn.execute(delete(tombstones).where(tombstones.c.removed_at < before))
+        return int(result.rowcount or 0)
+
+    async def tombstone_reason(self, token_hash: str) -> str | None:
+        """Why the session that held this token hash was deleted, if it was."""
+        stmt = select(tombstones.c.reason).where(tombstones.c.token_hash == token_hash)
+        async with self.guard(), self.reader.connect() as conn:
+            return (await conn.execute(stmt)).scalar_one_or_none()
 
     @staticmethod
     async def clamp_future(conn: AsyncConnection, now: float) -> list[str]:
@@ -527,15 +555,25 @@ class SessionStore:
             .values(data=data, version=version, last_activity=now)
         )
 
-    @staticmethod
-    async def store_token(conn: AsyncConnection, session_id: str, token_hash: str | None) -> bool:
-        """Replace the session's resume-token hash; False if the session has no row."""
-        result = await conn.execute(
+    @classmethod
+    async def store_token(
+        cls, conn: AsyncConnection, session_id: str, token_hash: str, *, now: float
+    ) -> bool:
+        """Give the session a new token hash, tombstoning the old one as revoked.
+
+        Returns False if the session has no row.
+        """
+        stmt = select(sessions.c.token_hash).where(sessions.c.session_id == session_id)
+        row = (await conn.execute(stmt)).first()
+        if row is None:
+            return False
+        await cls._bury(conn, [(session_id, row[0])], "revoked", now)
+        await conn.execute(
             update(sessions)
             .where(sessions.c.session_id == session_id)
             .values(token_hash=token_hash)
         )
-        return bool(result.rowcount)
+        return True
 
 
 def dumps(data: Any) -> str:
