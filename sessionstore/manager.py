@@ -110,6 +110,8 @@ class SessionManager:
             of time uses it.
         settings: A :class:`~sessionstore.config.Settings`; keyword arguments given
             here override it.
+        background_tasks: Run the periodic cleanup and refresh tasks (admin tools that
+            open the database for one command turn them off).
         **options: Any other :class:`~sessionstore.config.Settings` field
             (``flush_interval_secs``, ``max_data_bytes``, ``synchronous``, ...).
 
@@ -126,6 +128,7 @@ class SessionManager:
         cleanup_interval_secs: float | None = None,
         clock: Callable[[], float] = time.time,
         settings: Settings | None = None,
+        background_tasks: bool = True,
         **options: Any,
     ) -> None:
         unknown = set(options) - set(Settings.field_names())
@@ -144,6 +147,7 @@ class SessionManager:
         }
         self.settings = settings.with_(**{k: v for k, v in overrides.items() if v is not None})
         self._clock = clock
+        self._background = background_tasks
         self._store = SessionStore(
             self.settings.database,
             synchronous=self.settings.synchronous,
@@ -253,6 +257,8 @@ class SessionManager:
                 restored,
                 expired,
             )
+            if not self._background:
+                return
             self._tasks.append(
                 asyncio.create_task(
                     self._cleanup_loop(initial=expired > 0), name="sessionstore-cleanup"
@@ -391,8 +397,12 @@ class SessionManager:
         last = entry.last_activity if entry is not None else session.last_activity
         return self._expired(last, self._clock())
 
-    async def cleanup_stale_sessions(self) -> int:
-        """Delete every expired session (in chunks); returns how many were deleted."""
+    async def cleanup_stale_sessions(self, *, progress: Callable[[int], None] | None = None) -> int:
+        """Delete every expired session (in chunks); returns how many were deleted.
+
+        Each chunk of ``cleanup_chunk_rows`` is its own short transaction, so the
+        write lock is never held for long; ``progress`` hears each chunk's count.
+        """
         writer = self._running_writer()
         started = time.perf_counter()
         now = self._clock()
@@ -403,6 +413,8 @@ class SessionManager:
             deleted: list[str] = await writer.submit("cleanup", now)
             self._gone(deleted, "expired")
             total += len(deleted)
+            if progress is not None:
+                progress(len(deleted))
             if len(deleted) < self.settings.cleanup_chunk_rows:
                 break
         for sid in [s for s, e in self._cache.items() if self._expired(e.last_activity, now)]:
