@@ -1,0 +1,1 @@
+"""The sessionstore WebSocket daemon: a pure protocol module and the server wiring."""
