@@ -55,6 +55,7 @@ class Settings:
     cleanup_chunk_rows: int = 2000
     tombstone_retention_secs: float = 7 * 86400.0
     refresh_interval_secs: float = 5.0
+    startup_check_max_bytes: int = 64 * 1024 * 1024
 
     def __post_init__(self) -> None:
         positive = (
@@ -71,6 +72,8 @@ class Settings:
             raise ValueError("max_concurrent_sessions must be >= 0 (0 means no limit)")
         if self.refresh_interval_secs < 0:
             raise ValueError("refresh_interval_secs must be >= 0 (0 disables it)")
+        if self.startup_check_max_bytes < 0:
+            raise ValueError("startup_check_max_bytes must be >= 0 (0 disables the check)")
         if self.busy_timeout_ms < 0:
             raise ValueError("busy_timeout_ms must be >= 0")
         sync = self.synchronous.upper()

@@ -18,9 +18,8 @@ from typing import Any
 
 from alembic import command
 from alembic.config import Config
-from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import inspect
+from sqlalchemy import Column, MetaData, String, Table, inspect, select
 from sqlalchemy.engine import Connection
 
 from .errors import ForeignDatabaseError, UnknownRevisionError
@@ -85,8 +84,8 @@ class SchemaState:
 
     @property
     def empty(self) -> bool:
-        """No tables at all: a new database."""
-        return not self.tables
+        """No tables but alembic's own (possibly empty) one: a new database, or base."""
+        return self.tables <= {VERSION_TABLE} and self.revision is None
 
 
 def inspect_schema(conn: Connection) -> SchemaState:
@@ -94,7 +93,8 @@ def inspect_schema(conn: Connection) -> SchemaState:
     tables = frozenset(inspect(conn).get_table_names())
     revision = None
     if VERSION_TABLE in tables:
-        revision = MigrationContext.configure(conn).get_current_revision()
+        version = Table(VERSION_TABLE, MetaData(), Column("version_num", String))
+        revision = conn.execute(select(version.c.version_num)).scalar()
     return SchemaState(tables=tables, revision=revision)
 
 

@@ -236,11 +236,15 @@ class SessionStore:
             raise StorageError(f"{self.label}: store is not open")
         return self._reader
 
-    async def open(self, *, upgrade: bool = True) -> migrate.SchemaState:
-        """Open the engine, refuse foreign or unknown databases, migrate to head.
+    async def open(
+        self, *, upgrade: bool = True, check_max_bytes: int | None = None
+    ) -> migrate.SchemaState:
+        """Open the engine, refuse foreign, damaged or unknown databases, migrate to head.
 
         Nothing is written before the file is known to be a SQLite database that is
-        empty or ours. Returns the schema state found before any upgrade.
+        empty or ours (and, for files up to ``check_max_bytes``, passes
+        ``PRAGMA quick_check``; ``None`` checks any size, 0 never). Returns the schema
+        state found before any upgrade.
 
         Raises:
             DatabaseCorruptError, ForeignDatabaseError, UnknownRevisionError,
@@ -266,6 +270,10 @@ class SessionStore:
                     state = await conn.run_sync(migrate.inspect_schema)
                 migrate.validate(state, self.label)
                 if self.dialect == "sqlite":
+                    if self.path is not None and (
+                        check_max_bytes is None or 0 < self.path.stat().st_size <= check_max_bytes
+                    ):
+                        await self.quick_check()
                     await self._enable_wal()
                 if upgrade and state.revision != migrate.head_revision():
                     async with self._engine.begin() as conn:
@@ -274,6 +282,21 @@ class SessionStore:
             await self.close()
             raise
         return state
+
+    async def quick_check(self) -> None:
+        """Run SQLite's ``PRAGMA quick_check`` (reads every page; writes nothing).
+
+        Raises:
+            DatabaseCorruptError: the check found damage; the message names the path.
+        """
+        if self.dialect != "sqlite":
+            return
+        async with self.guard(), self.reader.connect() as conn:
+            problems = [str(r[0]) for r in await conn.exec_driver_sql("PRAGMA quick_check(5)")]
+        if problems != ["ok"]:
+            raise DatabaseCorruptError(
+                f"{self.label}: database file is corrupt ({'; '.join(problems)[:300]})"
+            )
 
     async def _enable_wal(self) -> None:
         async with self.reader.connect() as conn:

@@ -1,0 +1,478 @@
+"""The in-memory manager's behaviour, kept by the persistent one."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import pytest
+
+from sessionstore import (
+    DataTooLargeError,
+    InvalidDataError,
+    ManagerClosedError,
+    Session,
+    SessionLimitError,
+    SessionManager,
+    SessionNotFoundError,
+    SessionStoreError,
+    VersionConflictError,
+)
+from tests.conftest import ManagerFactory
+from tests.helpers import ManualClock
+
+# --- creation ---
+
+
+async def test_ensure_with_id_creates_session(manager: SessionManager, clock: ManualClock) -> None:
+    session = await manager.ensure("client-1")
+    assert session.session_id == "client-1"
+    assert session.created_at == session.last_activity == clock.now
+    assert session.data == {}
+    assert session.closed is False
+
+
+async def test_ensure_without_id_generates_unique_ids(manager: SessionManager) -> None:
+    ids = {(await manager.ensure()).session_id for _ in range(20)}
+    assert len(ids) == 20
+    assert all(len(i) >= 32 for i in ids)
+
+
+async def test_ensure_existing_id_returns_it_without_overwriting(
+    manager: SessionManager, clock: ManualClock
+) -> None:
+    first = await manager.ensure("same", data={"n": 1})
+    clock.advance(5)
+    again = await manager.ensure("same", data={"n": 2})
+    assert again.created_at == first.created_at
+    assert again.data == {"n": 1}
+
+
+async def test_get_existing_and_missing(manager: SessionManager) -> None:
+    created = await manager.ensure("here")
+    got = await manager.get("here")
+    assert got is not None
+    assert got.session_id == created.session_id
+    assert await manager.get("nobody") is None
+
+
+async def test_concurrent_ensure_of_one_id_creates_once(manager: SessionManager) -> None:
+    results = await asyncio.gather(*(manager.ensure("dup") for _ in range(30)))
+    assert {r.created_at for r in results} == {results[0].created_at}
+    assert await manager.list_ids() == ["dup"]
+    assert manager.counters["created"] == 1
+
+
+# --- timeout and activity ---
+
+
+async def test_session_not_timed_out_while_active(
+    manager: SessionManager, clock: ManualClock
+) -> None:
+    session = await manager.ensure()
+    clock.advance(59)
+    assert not manager.is_session_timed_out(session)
+
+
+async def test_session_timed_out_after_inactivity(
+    manager: SessionManager, clock: ManualClock
+) -> None:
+    session = await manager.ensure()
+    clock.advance(61)
+    assert manager.is_session_timed_out(session)
+    assert await manager.get(session.session_id) is None
+
+
+async def test_update_activity_prevents_timeout(
+    manager: SessionManager, clock: ManualClock
+) -> None:
+    session = await manager.ensure()
+    clock.advance(50)
+    assert await manager.update_activity(session.session_id) is True
+    clock.advance(50)
+    assert not manager.is_session_timed_out(session)
+    got = await manager.get(session.session_id)
+    assert got is not None
+    assert got.last_activity == clock.now - 50
+
+
+async def test_update_activity_of_missing_or_expired_session_is_false(
+    manager: SessionManager, clock: ManualClock
+) -> None:
+    assert await manager.update_activity("ghost") is False
+    session = await manager.ensure()
+    clock.advance(61)
+    assert await manager.update_activity(session.session_id) is False
+    assert await manager.get(session.session_id) is None  # not revived
+
+
+async def test_last_activity_set_on_creation_and_update(
+    manager: SessionManager, clock: ManualClock
+) -> None:
+    session = await manager.ensure()
+    assert session.last_activity == clock.now
+    clock.advance(12.5)
+    await manager.update_activity(session.session_id)
+    got = await manager.get(session.session_id)
+    assert got is not None
+    assert got.last_activity == clock.now
+    assert got.idle_seconds(clock.now + 3) == 3
+
+
+async def test_closed_session_counts_as_timed_out(manager: SessionManager) -> None:
+    session = await manager.ensure()
+    assert manager.is_session_timed_out(Session(**{**_fields(session), "closed": True}))
+
+
+def _fields(session: Session) -> dict[str, object]:
+    return {f: getattr(session, f) for f in Session.__dataclass_fields__}
+
+
+# --- cleanup ---
+
+
+async def test_cleanup_stale_sessions_removes_only_expired(
+    manager: SessionManager, clock: ManualClock
+) -> None:
+    old = await manager.ensure("old")
+    clock.advance(40)
+    fresh = await manager.ensure("fresh")
+    clock.advance(30)  # old idle 70 s (> 60), fresh idle 30 s
+    assert await manager.cleanup_stale_sessions() == 1
+    assert await manager.get(old.session_id) is None
+    assert await manager.get(fresh.session_id) is not None
+    assert await manager.cleanup_stale_sessions() == 0
+
+
+async def test_cleanup_keeps_session_touched_but_not_yet_flushed(
+    make_manager: ManagerFactory, clock: ManualClock
+) -> None:
+    async with make_manager(session_timeout_secs=60, flush_interval_secs=3600) as m:
+        session = await m.ensure()
+        clock.advance(50)
+        await m.update_activity(session.session_id)  # only in memory so far
+        clock.advance(50)
+        assert await m.cleanup_stale_sessions() == 0
+        assert await m.get(session.session_id) is not None
+
+
+async def test_cleanup_in_chunks_deletes_everything(
+    make_manager: ManagerFactory, clock: ManualClock
+) -> None:
+    async with make_manager(
+        session_timeout_secs=60, max_concurrent_sessions=0, cleanup_chunk_rows=7
+    ) as m:
+        await asyncio.gather(*(m.ensure() for _ in range(50)))
+        clock.advance(61)
+        chunks: list[int] = []
+        assert await m.cleanup_stale_sessions(progress=chunks.append) == 50
+        assert max(chunks) == 7
+        assert sum(chunks) == 50
+        assert (await m.get_session_metrics())["total_sessions"] == 0
+
+
+async def test_periodic_cleanup_task_runs_every_interval(
+    make_manager: ManagerFactory, clock: ManualClock
+) -> None:
+    async with make_manager(session_timeout_secs=60, cleanup_interval_secs=0.01) as m:
+        session = await m.ensure()
+        clock.advance(61)
+        # The task runs on the event loop's own timer; the clock decides expiry.
+        async with asyncio.timeout(5):
+            while (await m.store.fetch(session.session_id)) is not None:
+                await asyncio.sleep(0.01)
+        assert m.counters["expired"] == 1
+        assert m.counters["cleanup_runs"] >= 1
+
+
+async def test_removal_listener_hears_cleanup_and_remove(
+    manager: SessionManager, clock: ManualClock
+) -> None:
+    heard: list[tuple[str, str]] = []
+    manager.add_removal_listener(lambda sid, why: heard.append((sid, why)))
+    await manager.ensure("a")
+    await manager.ensure("b")
+    await manager.remove("a")
+    clock.advance(61)
+    await manager.cleanup_stale_sessions()
+    assert heard == [("a", "removed"), ("b", "expired")]
+
+
+# --- limits ---
+
+
+async def test_session_limit_not_exceeded(make_manager: ManagerFactory) -> None:
+    async with make_manager(max_concurrent_sessions=3) as m:
+        for _ in range(3):
+            await m.ensure()
+        assert len(await m.list_ids()) == 3
+
+
+async def test_session_limit_exceeded_raises_runtime_error_naming_limit(
+    make_manager: ManagerFactory,
+) -> None:
+    async with make_manager(max_concurrent_sessions=2) as m:
+        await m.ensure()
+        await m.ensure()
+        with pytest.raises(SessionLimitError, match=r"\(2\)") as info:
+            await m.ensure()
+        assert isinstance(info.value, RuntimeError)
+        assert isinstance(info.value, SessionStoreError)
+        assert len(await m.list_ids()) == 2
+
+
+async def test_limit_holds_under_concurrent_creates(make_manager: ManagerFactory) -> None:
+    async with make_manager(max_concurrent_sessions=10) as m:
+        results = await asyncio.gather(*(m.ensure() for _ in range(40)), return_exceptions=True)
+        ok = [r for r in results if isinstance(r, Session)]
+        refused = [r for r in results if isinstance(r, SessionLimitError)]
+        assert (len(ok), len(refused)) == (10, 30)
+
+
+async def test_can_create_after_cleanup_frees_room(
+    make_manager: ManagerFactory, clock: ManualClock
+) -> None:
+    async with make_manager(max_concurrent_sessions=1, session_timeout_secs=60) as m:
+        await m.ensure()
+        with pytest.raises(SessionLimitError):
+            await m.ensure()
+        clock.advance(61)
+        # Expired sessions no longer count, even before cleanup deletes them.
+        await m.ensure()
+        assert await m.cleanup_stale_sessions() == 1
+
+
+async def test_existing_id_is_returned_even_at_the_limit(make_manager: ManagerFactory) -> None:
+    async with make_manager(max_concurrent_sessions=1) as m:
+        await m.ensure("only")
+        assert (await m.ensure("only")).session_id == "only"
+
+
+# --- metrics ---
+
+
+async def test_metrics_report_counts_and_ages(manager: SessionManager, clock: ManualClock) -> None:
+    await manager.ensure("a")
+    clock.advance(10)
+    await manager.ensure("b")
+    clock.advance(10)
+    metrics = await manager.get_session_metrics()
+    assert metrics["total_sessions"] == 2
+    assert metrics["active_sessions"] == 2
+    assert metrics["oldest_session_age"] == pytest.approx(20)
+    assert metrics["newest_session_age"] == pytest.approx(10)
+    assert metrics["avg_session_age"] == pytest.approx(15)
+
+
+async def test_metrics_after_expiry_and_cleanup(manager: SessionManager, clock: ManualClock) -> None:
+    await manager.ensure("a")
+    clock.advance(50)
+    await manager.ensure("b")
+    clock.advance(20)  # a expired, b live
+    metrics = await manager.get_session_metrics()
+    assert (metrics["total_sessions"], metrics["active_sessions"]) == (2, 1)
+    await manager.cleanup_stale_sessions()
+    metrics = await manager.get_session_metrics()
+    assert (metrics["total_sessions"], metrics["active_sessions"]) == (1, 1)
+    assert metrics["oldest_session_age"] == pytest.approx(20)
+
+
+async def test_metrics_with_no_sessions(manager: SessionManager) -> None:
+    metrics = await manager.get_session_metrics()
+    assert metrics["total_sessions"] == metrics["active_sessions"] == 0
+    assert metrics["avg_session_age"] == 0.0
+
+
+# --- removal and listing ---
+
+
+async def test_remove_session(manager: SessionManager) -> None:
+    await manager.ensure("gone")
+    assert await manager.remove("gone") is True
+    assert await manager.get("gone") is None
+    assert "gone" not in await manager.list_ids()
+
+
+async def test_remove_nonexistent_session(manager: SessionManager) -> None:
+    assert await manager.remove("never") is False
+
+
+async def test_list_ids_newest_activity_first_and_live_only(
+    manager: SessionManager, clock: ManualClock
+) -> None:
+    for name in ("a", "b", "c"):
+        await manager.ensure(name)
+        clock.advance(1)
+    await manager.update_activity("a")
+    assert await manager.list_ids() == ["a", "c", "b"]
+    clock.advance(59.5)  # b and c are past 60 s idle; a is not
+    assert await manager.list_ids() == ["a"]
+
+
+async def test_two_managers_on_two_files_are_independent(
+    make_manager: ManagerFactory, tmp_path: Path
+) -> None:
+    async with make_manager(tmp_path / "one.db") as one, make_manager(tmp_path / "two.db") as two:
+        await one.ensure("x")
+        assert await two.get("x") is None
+        await two.ensure("y")
+        assert await one.list_ids() == ["x"]
+        assert await two.list_ids() == ["y"]
+
+
+# --- data ---
+
+
+async def test_set_data_merges_deletes_and_bumps_version(manager: SessionManager) -> None:
+    await manager.ensure("d", data={"a": 1, "b": 2})
+    updated = await manager.set_data("d", {"c": 3}, delete=["a"])
+    assert updated.data == {"b": 2, "c": 3}
+    assert updated.version == 2
+    replaced = await manager.set_data("d", {"z": 0}, replace=True)
+    assert replaced.data == {"z": 0}
+    got = await manager.get("d")
+    assert got is not None
+    assert (got.data, got.version) == ({"z": 0}, 3)
+
+
+async def test_set_data_compare_and_set(manager: SessionManager) -> None:
+    await manager.ensure("cas")
+    await manager.set_data("cas", {"n": 1}, if_version=1)
+    with pytest.raises(VersionConflictError) as info:
+        await manager.set_data("cas", {"n": 99}, if_version=1)
+    assert (info.value.expected, info.value.actual) == (1, 2)
+    got = await manager.get("cas")
+    assert got is not None
+    assert got.data == {"n": 1}
+
+
+async def test_set_data_counts_as_activity(manager: SessionManager, clock: ManualClock) -> None:
+    await manager.ensure("busy")
+    clock.advance(50)
+    await manager.set_data("busy", {"k": "v"})
+    clock.advance(50)
+    assert await manager.get("busy") is not None
+
+
+async def test_set_data_rejects_missing_oversized_and_unencodable(
+    make_manager: ManagerFactory,
+) -> None:
+    async with make_manager(max_data_bytes=100) as m:
+        with pytest.raises(SessionNotFoundError):
+            await m.set_data("nobody", {"a": 1})
+        await m.ensure("s")
+        with pytest.raises(DataTooLargeError, match="100"):
+            await m.set_data("s", {"big": "x" * 200})
+        with pytest.raises(InvalidDataError):
+            await m.set_data("s", {"bad": object()})
+        with pytest.raises(InvalidDataError):
+            await m.set_data("s", {"nan": float("nan")})
+        got = await m.get("s")
+        assert got is not None
+        assert (got.data, got.version) == ({}, 1)
+
+
+async def test_data_is_stored_as_plain_json_text(manager: SessionManager) -> None:
+    await manager.ensure("j", data={"name": "Zoë", "n": [1, 2]})
+    async with manager.store.reader.connect() as conn:
+        raw = (await conn.exec_driver_sql("SELECT data FROM sessions")).scalar_one()
+    assert json.loads(raw) == {"name": "Zoë", "n": [1, 2]}
+
+
+async def test_snapshot_is_a_copy(manager: SessionManager) -> None:
+    session = await manager.ensure("copy", data={"a": 1})
+    session.data["a"] = 2
+    got = await manager.get("copy")
+    assert got is not None
+    assert got.data == {"a": 1}
+
+
+# --- lifecycle ---
+
+
+async def test_use_before_start_and_after_close_is_a_clear_error(
+    make_manager: ManagerFactory,
+) -> None:
+    m = make_manager()
+    with pytest.raises(ManagerClosedError, match="not started"):
+        await m.ensure()
+    await m.start()
+    await m.start()  # idempotent
+    await m.aclose()
+    await m.aclose()  # idempotent
+    with pytest.raises(ManagerClosedError, match="closed"):
+        await m.get("x")
+    with pytest.raises(ManagerClosedError, match="create a new one"):
+        await m.start()
+
+
+async def test_aclose_flushes_pending_activity(
+    make_manager: ManagerFactory, clock: ManualClock, db_path: Path
+) -> None:
+    async with make_manager(flush_interval_secs=3600) as m:
+        await m.ensure("t")
+        clock.advance(30)
+        await m.update_activity("t")
+        row = await m.store.fetch("t")
+        assert row is not None
+        assert row.last_activity == clock.now - 30  # not written yet
+    async with make_manager() as again:
+        row = await again.store.fetch("t")
+        assert row is not None
+        assert row.last_activity == clock.now
+
+
+async def test_activity_is_flushed_within_the_flush_interval(
+    make_manager: ManagerFactory, clock: ManualClock
+) -> None:
+    async with make_manager(flush_interval_secs=0.05) as m:
+        await m.ensure("t")
+        clock.advance(30)
+        await m.update_activity("t")
+        async with asyncio.timeout(5):
+            while (row := await m.store.fetch("t")) is None or row.last_activity != clock.now:
+                await asyncio.sleep(0.01)
+
+
+async def test_no_task_outlives_aclose(make_manager: ManagerFactory) -> None:
+    before = set(asyncio.all_tasks())
+    async with make_manager(refresh_interval_secs=0.01) as m:
+        await m.ensure()
+    leftover = {t for t in asyncio.all_tasks() - before if not t.done()}
+    assert leftover == set()
+
+
+def test_from_env_reads_the_session_variables(
+    monkeypatch: pytest.MonkeyPatch, db_path: Path
+) -> None:
+    monkeypatch.setenv("SESSION_TIMEOUT_SECS", "120")
+    monkeypatch.setenv("SESSION_MAX_CONCURRENT", "7")
+    monkeypatch.setenv("SESSION_CLEANUP_INTERVAL", "30")
+    monkeypatch.setenv("SESSIONSTORE_DATABASE", str(db_path))
+    m = SessionManager.from_env()
+    assert (m.session_timeout_secs, m.max_concurrent_sessions, m.cleanup_interval_secs) == (
+        120, 7, 30
+    )
+    assert m.database == str(db_path)
+    assert SessionManager.from_env(session_timeout_secs=5).session_timeout_secs == 5
+
+
+def test_database_defaults(monkeypatch: pytest.MonkeyPatch, db_path: Path) -> None:
+    monkeypatch.delenv("SESSIONSTORE_DATABASE", raising=False)
+    assert SessionManager().database.endswith("sessions.db")
+    monkeypatch.setenv("SESSIONSTORE_DATABASE", str(db_path))
+    assert SessionManager().database == str(db_path)
+    # The constructor's own defaults are the seed's, whatever SESSION_* says.
+    monkeypatch.setenv("SESSION_TIMEOUT_SECS", "5")
+    assert SessionManager().session_timeout_secs == 3600
+
+
+def test_bad_settings_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SESSION_TIMEOUT_SECS", "soon")
+    with pytest.raises(ValueError, match="SESSION_TIMEOUT_SECS"):
+        SessionManager.from_env()
+    with pytest.raises(ValueError, match="session_timeout_secs"):
+        SessionManager(session_timeout_secs=-1)
+    with pytest.raises(TypeError, match="unknown option"):
+        SessionManager(colour="blue")

@@ -1,0 +1,126 @@
+"""Files that are not ours, or not databases, are refused and left untouched."""
+
+from __future__ import annotations
+
+import hashlib
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from sessionstore import (
+    DatabaseCorruptError,
+    ForeignDatabaseError,
+    SessionManager,
+    StorageError,
+)
+from tests.conftest import ManagerFactory
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+async def test_text_file_is_refused_untouched(db_path: Path) -> None:
+    db_path.write_text("these are my notes, not a database\n" * 20)
+    before = _sha(db_path)
+    with pytest.raises(DatabaseCorruptError, match="not a SQLite database") as info:
+        await SessionManager(str(db_path)).start()
+    assert str(db_path) in str(info.value)
+    assert "\n" not in str(info.value)
+    assert _sha(db_path) == before
+    assert sorted(p.name for p in db_path.parent.iterdir()) == [db_path.name]
+
+
+async def test_foreign_sqlite_database_is_refused_not_stamped(db_path: Path) -> None:
+    with sqlite3.connect(db_path) as conn:
+        conn.execute("CREATE TABLE invoices (id INTEGER PRIMARY KEY, total REAL)")
+        conn.execute("INSERT INTO invoices VALUES (1, 9.5)")
+    conn.close()
+    before = _sha(db_path)
+    with pytest.raises(ForeignDatabaseError, match="invoices") as info:
+        await SessionManager(str(db_path)).start()
+    assert str(db_path) in str(info.value)
+    assert _sha(db_path) == before
+
+
+async def test_corrupted_page_is_refused_untouched(
+    make_manager: ManagerFactory, db_path: Path
+) -> None:
+    async with make_manager(max_concurrent_sessions=0) as m:
+        for _ in range(300):
+            await m.ensure(data={"pad": "x" * 300})
+    with sqlite3.connect(db_path) as conn:
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        page_size = conn.execute("PRAGMA page_size").fetchone()[0]
+        pages = conn.execute("PRAGMA page_count").fetchone()[0]
+    conn.close()
+    assert pages > 10
+    raw = bytearray(db_path.read_bytes())
+    for page in range(3, pages, 2):  # scribble over every other page's header
+        start = (page - 1) * page_size
+        raw[start : start + 64] = b"\xa5" * 64
+    db_path.write_bytes(bytes(raw))
+    before = _sha(db_path)
+    with pytest.raises(DatabaseCorruptError, match="corrupt") as info:
+        await SessionManager(str(db_path)).start()
+    assert str(db_path) in str(info.value)
+    assert _sha(db_path) == before
+
+
+async def test_zero_length_file_is_a_new_empty_database(make_manager: ManagerFactory,
+                                                        db_path: Path) -> None:
+    db_path.touch()
+    async with make_manager() as m:
+        await m.ensure("first")
+        assert await m.list_ids() == ["first"]
+
+
+async def test_missing_directory_is_a_clear_error(tmp_path: Path) -> None:
+    target = tmp_path / "no" / "such" / "dir" / "s.db"
+    with pytest.raises(StorageError, match="does not exist"):
+        await SessionManager(str(target)).start()
+    assert not (tmp_path / "no").exists()
+
+
+async def test_database_files_are_private(make_manager: ManagerFactory, db_path: Path) -> None:
+    async with make_manager() as m:
+        await m.ensure()
+        files = sorted(db_path.parent.glob(db_path.name + "*"))
+        assert {f.name for f in files} >= {"sessions.db", "sessions.db-wal", "sessions.db-shm"}
+        for f in files:
+            assert (f.stat().st_mode & 0o777) == 0o600, f
+
+
+async def test_pragmas_are_in_force(manager: SessionManager) -> None:
+    async with manager.store.reader.connect() as conn:
+        async def pragma(name: str) -> object:
+            return (await conn.exec_driver_sql(f"PRAGMA {name}")).scalar_one()
+
+        assert await pragma("journal_mode") == "wal"
+        assert await pragma("synchronous") == 2  # FULL
+        assert await pragma("busy_timeout") == 5000
+        assert await pragma("foreign_keys") == 1
+
+
+async def test_synchronous_normal_is_an_option(make_manager: ManagerFactory) -> None:
+    async with make_manager(synchronous="normal") as m:
+        async with m.store.reader.connect() as conn:
+            assert (await conn.exec_driver_sql("PRAGMA synchronous")).scalar_one() == 1
+
+
+async def test_readable_view_shows_iso_times_and_idle(
+    manager: SessionManager, db_path: Path
+) -> None:
+    await manager.ensure("v")
+    with sqlite3.connect(db_path) as conn:
+        row = conn.execute(
+            "SELECT session_id, created_utc, last_activity_utc, idle_secs, version "
+            "FROM sessions_readable"
+        ).fetchone()
+    conn.close()
+    assert row[0] == "v"
+    assert row[1] == "2025-06-15T15:06:40.000Z"  # the manual clock's start
+    assert row[2] == row[1]
+    assert row[3] > 0
+    assert row[4] == 1
