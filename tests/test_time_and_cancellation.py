@@ -1,0 +1,94 @@
+"""Clock jumps and cancelled callers: nothing immortal, nothing half-written."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import sqlite3
+from pathlib import Path
+
+from sessionstore import SessionManager
+from tests.conftest import ManagerFactory
+from tests.helpers import ManualClock
+
+
+async def test_jump_forward_expires_what_is_idle_and_nothing_else(
+    manager: SessionManager, clock: ManualClock
+) -> None:
+    await manager.ensure("idle")
+    clock.advance(50)
+    await manager.ensure("busy")
+    clock.advance(40)  # the jump: idle is 90 s idle, busy 40 s
+    assert await manager.list_ids() == ["busy"]
+    assert await manager.cleanup_stale_sessions() == 1
+    assert await manager.get("busy") is not None
+
+
+async def test_jump_backward_does_not_make_sessions_immortal(
+    manager: SessionManager, clock: ManualClock
+) -> None:
+    await manager.ensure("s")
+    clock.advance(-86_400)  # a day back: the session's activity is now "in the future"
+    got = await manager.get("s")
+    assert got is not None
+    assert got.idle_seconds(clock.now) == 0  # never negative
+    assert await manager.cleanup_stale_sessions() == 0  # ...and its stamp is clamped to now
+    row = await manager.store.fetch("s")
+    assert row is not None
+    assert row.last_activity == clock.now
+    clock.advance(61)  # one timeout later, not a day later
+    assert await manager.get("s") is None
+    assert await manager.cleanup_stale_sessions() == 1
+
+
+async def test_cancelled_writes_leave_rows_old_or_new_and_the_lock_free(
+    make_manager: ManagerFactory, db_path: Path
+) -> None:
+    async with make_manager(max_concurrent_sessions=0) as m:
+        await m.ensure("c", data={"n": 0})
+        outcomes = {"done": 0, "cancelled": 0}
+        for i in range(1, 200):
+            try:
+                # A timeout of 0 cancels the caller at its first await, mid-flight.
+                await asyncio.wait_for(m.set_data("c", {"n": i}), timeout=0 if i % 2 else 0.05)
+                outcomes["done"] += 1
+            except TimeoutError:
+                outcomes["cancelled"] += 1
+        assert outcomes["cancelled"] > 0
+        assert outcomes["done"] > 0
+        await m.get("c")  # let any in-flight transaction finish
+        await m.list_ids()  # a flush barrier: the writer has drained
+        # Another connection can take the write lock at once: nothing is stranded.
+        other = sqlite3.connect(db_path, timeout=0, isolation_level=None)
+        try:
+            other.execute("BEGIN IMMEDIATE")
+            data, version = other.execute(
+                "SELECT data, version FROM sessions WHERE session_id = 'c'"
+            ).fetchone()
+            other.execute("ROLLBACK")
+        finally:
+            other.close()
+    # Every committed change bumped the version by one and wrote its whole value.
+    n = json.loads(data)["n"]
+    assert version - 1 >= outcomes["done"]
+    assert 1 <= n <= 199
+    async with make_manager() as again:
+        got = await again.get("c")
+        assert got is not None
+        assert (got.data, got.version) == ({"n": n}, version)
+
+
+async def test_cancelled_ensure_is_either_created_or_absent(
+    make_manager: ManagerFactory,
+) -> None:
+    async with make_manager(max_concurrent_sessions=0) as m:
+        for i in range(50):
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(m.ensure(f"id{i}"), timeout=0)
+        await m.list_ids()
+        for i in range(50):
+            got = await m.get(f"id{i}")
+            assert got is None or got.session_id == f"id{i}"
+        # The lock is free: a fresh create goes through.
+        assert (await m.ensure("after")).session_id == "after"
