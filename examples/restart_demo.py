@@ -18,8 +18,10 @@ async def main() -> None:
         for session in await manager.list_sessions():
             visits = session.data.get("visits", 0) + 1
             await manager.set_data(session.session_id, {"visits": visits})
-            print(f"recovered {session.session_id}: visit {visits}, "
-                  f"created {session.created_at:.0f}, idle {session.idle_seconds(manager.now()):.1f}s")
+            print(
+                f"recovered {session.session_id}: visit {visits}, "
+                f"created {session.created_at:.0f}, idle {session.idle_seconds(manager.now()):.1f}s"
+            )
         session = await manager.ensure(data={"visits": 1})
         print(f"created   {session.session_id} (durable now; run me again)")
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -52,3 +54,10 @@ def run_cli(
         cwd=REPO,
         check=False,
     )
+
+
+async def wait_until(condition: Callable[[], Awaitable[bool]], timeout: float = 5.0) -> None:
+    """Poll ``condition`` until it holds: for background work, never for a timeout."""
+    async with asyncio.timeout(timeout):
+        while not await condition():
+            await asyncio.sleep(0.01)

@@ -25,9 +25,7 @@ async def test_cleanup_delete_uses_last_activity_index(manager: SessionManager) 
     sql = str(stmt.compile(dialect=manager.store.engine.dialect))
     assert "sessions.last_activity < ?" in sql  # the raw column, a bound parameter
     plan = await _plan(manager, stmt)
-    assert any(
-        "INDEX ix_sessions_last_activity (last_activity<?)" in step for step in plan
-    ), plan
+    assert any("INDEX ix_sessions_last_activity (last_activity<?)" in step for step in plan), plan
     assert not any(step.startswith("SCAN sessions") for step in plan), plan
 
 

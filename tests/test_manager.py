@@ -20,7 +20,7 @@ from sessionstore import (
     VersionConflictError,
 )
 from tests.conftest import ManagerFactory
-from tests.helpers import ManualClock
+from tests.helpers import ManualClock, wait_until
 
 # --- creation ---
 
@@ -179,9 +179,11 @@ async def test_periodic_cleanup_task_runs_every_interval(
         session = await m.ensure()
         clock.advance(61)
         # The task runs on the event loop's own timer; the clock decides expiry.
-        async with asyncio.timeout(5):
-            while (await m.store.fetch(session.session_id)) is not None:
-                await asyncio.sleep(0.01)
+
+        async def deleted() -> bool:
+            return await m.store.fetch(session.session_id) is None
+
+        await wait_until(deleted)
         assert m.counters["expired"] == 1
         assert m.counters["cleanup_runs"] >= 1
 
@@ -265,7 +267,9 @@ async def test_metrics_report_counts_and_ages(manager: SessionManager, clock: Ma
     assert metrics["avg_session_age"] == pytest.approx(15)
 
 
-async def test_metrics_after_expiry_and_cleanup(manager: SessionManager, clock: ManualClock) -> None:
+async def test_metrics_after_expiry_and_cleanup(
+    manager: SessionManager, clock: ManualClock
+) -> None:
     await manager.ensure("a")
     clock.advance(50)
     await manager.ensure("b")
@@ -430,9 +434,12 @@ async def test_activity_is_flushed_within_the_flush_interval(
         await m.ensure("t")
         clock.advance(30)
         await m.update_activity("t")
-        async with asyncio.timeout(5):
-            while (row := await m.store.fetch("t")) is None or row.last_activity != clock.now:
-                await asyncio.sleep(0.01)
+
+        async def flushed() -> bool:
+            row = await m.store.fetch("t")
+            return row is not None and row.last_activity == clock.now
+
+        await wait_until(flushed)
 
 
 async def test_no_task_outlives_aclose(make_manager: ManagerFactory) -> None:
@@ -452,7 +459,9 @@ def test_from_env_reads_the_session_variables(
     monkeypatch.setenv("SESSIONSTORE_DATABASE", str(db_path))
     m = SessionManager.from_env()
     assert (m.session_timeout_secs, m.max_concurrent_sessions, m.cleanup_interval_secs) == (
-        120, 7, 30
+        120,
+        7,
+        30,
     )
     assert m.database == str(db_path)
     assert SessionManager.from_env(session_timeout_secs=5).session_timeout_secs == 5

@@ -20,7 +20,10 @@ from tests.helpers import REPO, run_python
 
 def _tables(path: Path) -> set[str]:
     with sqlite3.connect(path) as conn:
-        return {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type IN ('table', 'view')")}
+        return {
+            r[0]
+            for r in conn.execute("SELECT name FROM sqlite_master WHERE type IN ('table', 'view')")
+        }
 
 
 def _revision(path: Path) -> str:
@@ -102,14 +105,22 @@ def test_alembic_upgrade_head_from_repo_root(tmp_path: Path) -> None:
     target = tmp_path / "cli.db"
     result = subprocess.run(
         [sys.executable, "-m", "alembic", "-x", f"database={target}", "upgrade", "head"],
-        cwd=REPO, capture_output=True, text=True, timeout=60, check=False,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
     )
     assert result.returncode == 0, result.stderr
     assert _revision(target) == migrate.head_revision()
     assert (target.stat().st_mode & 0o777) == 0o600
     result = subprocess.run(
         [sys.executable, "-m", "alembic", "current"],
-        cwd=REPO, capture_output=True, text=True, timeout=60, check=False,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
         env={**__import__("os").environ, "SESSIONSTORE_DATABASE": str(target)},
     )
     assert result.returncode == 0, result.stderr
@@ -130,12 +141,17 @@ def test_three_processes_starting_at_once_migrate_once(db_path: Path) -> None:
         """
     )
     procs = [
-        subprocess.Popen([sys.executable, "-c", code, str(db_path), f"p{i}"], cwd=REPO,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        subprocess.Popen(
+            [sys.executable, "-c", code, str(db_path), f"p{i}"],
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         for i in range(3)
     ]
     for p in procs:
-        out, err = p.communicate(timeout=60)
+        _, err = p.communicate(timeout=60)
         assert p.returncode == 0, err
     assert _revision(db_path) == migrate.head_revision()
     with sqlite3.connect(db_path) as conn:
@@ -148,15 +164,30 @@ def test_migrations_work_from_an_installed_wheel(tmp_path: Path) -> None:
     wheels = tmp_path / "wheels"
     build = subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(wheels), str(REPO)],
-        capture_output=True, text=True, timeout=300, check=False,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
     )
     assert build.returncode == 0, build.stderr
     (wheel,) = wheels.glob("sessionstore-*.whl")
     site = tmp_path / "site"
     install = subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(site),
-         str(wheel)],
-        capture_output=True, text=True, timeout=300, check=False,
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--no-deps",
+            "-q",
+            "--target",
+            str(site),
+            str(wheel),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
     )
     assert install.returncode == 0, install.stderr
     code = textwrap.dedent(
@@ -176,7 +207,11 @@ def test_migrations_work_from_an_installed_wheel(tmp_path: Path) -> None:
     )
     result = subprocess.run(
         [sys.executable, "-c", code, str(tmp_path / "w.db")],
-        capture_output=True, text=True, timeout=60, check=False, cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        cwd=tmp_path,
         env={"PYTHONPATH": str(site), "PATH": "/usr/bin:/bin"},
     )
     assert result.returncode == 0, result.stderr

@@ -16,7 +16,8 @@ import pytest
 
 from sessionstore import SessionManager
 from tests.conftest import ManagerFactory
-from tests.helpers import REPO, ManualClock
+from tests.helpers import REPO, ManualClock, wait_until
+
 
 async def test_reopen_after_clean_close_restores_everything(
     make_manager: ManagerFactory, clock: ManualClock
@@ -74,9 +75,11 @@ async def test_startup_deletes_expired_rows_in_background(
         assert m.recovery.expired == 30
         # Nothing expired is visible, whether or not its row is gone yet.
         assert await m.list_ids() == []
-        async with asyncio.timeout(5):
-            while (await m.get_session_metrics())["total_sessions"]:
-                await asyncio.sleep(0.01)
+
+        async def emptied() -> bool:
+            return (await m.get_session_metrics())["total_sessions"] == 0
+
+        await wait_until(emptied)
         assert m.counters["expired"] == 30
 
 
@@ -101,7 +104,10 @@ _CHILD = textwrap.dedent(
 def test_session_survives_sigkill_right_after_ensure(db_path: Path) -> None:
     child = subprocess.Popen(
         [sys.executable, "-c", _CHILD, str(db_path)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
     )
     try:
         assert child.stdout is not None

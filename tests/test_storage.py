@@ -68,8 +68,9 @@ async def test_corrupted_page_is_refused_untouched(
     assert _sha(db_path) == before
 
 
-async def test_zero_length_file_is_a_new_empty_database(make_manager: ManagerFactory,
-                                                        db_path: Path) -> None:
+async def test_zero_length_file_is_a_new_empty_database(
+    make_manager: ManagerFactory, db_path: Path
+) -> None:
     db_path.touch()
     async with make_manager() as m:
         await m.ensure("first")
@@ -94,6 +95,7 @@ async def test_database_files_are_private(make_manager: ManagerFactory, db_path:
 
 async def test_pragmas_are_in_force(manager: SessionManager) -> None:
     async with manager.store.reader.connect() as conn:
+
         async def pragma(name: str) -> object:
             return (await conn.exec_driver_sql(f"PRAGMA {name}")).scalar_one()
 
@@ -104,9 +106,8 @@ async def test_pragmas_are_in_force(manager: SessionManager) -> None:
 
 
 async def test_synchronous_normal_is_an_option(make_manager: ManagerFactory) -> None:
-    async with make_manager(synchronous="normal") as m:
-        async with m.store.reader.connect() as conn:
-            assert (await conn.exec_driver_sql("PRAGMA synchronous")).scalar_one() == 1
+    async with make_manager(synchronous="normal") as m, m.store.reader.connect() as conn:
+        assert (await conn.exec_driver_sql("PRAGMA synchronous")).scalar_one() == 1
 
 
 async def test_readable_view_shows_iso_times_and_idle(

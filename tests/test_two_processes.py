@@ -49,8 +49,13 @@ def test_two_processes_cannot_together_exceed_the_limit(db_path: Path, tmp_path:
     asyncio.run(prepare())
     go = tmp_path / "go"
     racers = [
-        subprocess.Popen([sys.executable, "-c", _RACER, str(db_path), str(go), "40"],
-                         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        subprocess.Popen(
+            [sys.executable, "-c", _RACER, str(db_path), str(go), "40"],
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         for _ in range(2)
     ]
     try:
