@@ -166,6 +166,23 @@ async def cmd_stats(args: argparse.Namespace) -> int:
     return 0
 
 
+async def cmd_backup(args: argparse.Namespace) -> int:
+    """Copy the database consistently while it is in use."""
+    settings = _settings(args)
+    _require_existing(settings)
+    store = SessionStore(settings.database)
+    await store.open(upgrade=False)
+    try:
+        await store.backup(Path(args.dest))
+    finally:
+        await store.close()
+    copy = SessionStore(args.dest)
+    await copy.open(upgrade=False, check_max_bytes=None)  # refuses a damaged copy
+    await copy.close()
+    print(f"backed up {store.label} to {args.dest} (integrity ok)")
+    return 0
+
+
 async def cmd_serve(args: argparse.Namespace) -> int:
     """Run the WebSocket daemon until SIGTERM or SIGINT."""
     from .daemon.server import run_daemon
@@ -219,6 +236,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("cleanup", cmd_cleanup, "delete every expired session and print how many")
     p = add("stats", cmd_stats, "print session metrics")
     p.add_argument("--json", action="store_true", help="print JSON")
+    p = add("backup", cmd_backup, "write a consistent copy of the database (SQLite)")
+    p.add_argument("dest", help="path of the copy; must not exist")
     p = add("serve", cmd_serve, "run the WebSocket daemon")
     p.add_argument("--host", default=None, help="address to bind (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=None, help="port (default 8765; 0 picks one)")

@@ -298,6 +298,31 @@ class SessionStore:
                 f"{self.label}: database file is corrupt ({'; '.join(problems)[:300]})"
             )
 
+    async def backup(self, dest: Path) -> None:
+        """Write a consistent copy of the database to ``dest`` (SQLite ``VACUUM INTO``).
+
+        Reads one snapshot, so writers carry on meanwhile. ``dest`` must not exist or
+        be empty; it is created with mode 0600.
+
+        Raises:
+            StorageError: not SQLite, ``dest`` is in the way, or the copy failed.
+        """
+        if self.dialect != "sqlite":
+            raise StorageError(f"{self.label}: backup is for SQLite; use pg_dump for PostgreSQL")
+        if dest.exists() and dest.stat().st_size > 0:
+            raise StorageError(f"{dest}: already exists; refusing to overwrite it")
+        label = f"{self.label} -> {dest}"
+        try:
+            create_file_private(dest)
+        except OSError as exc:
+            raise StorageError(f"{label}: {exc}") from exc
+        try:
+            async with self.reader.connect() as conn:
+                await conn.exec_driver_sql("VACUUM INTO ?", (str(dest),))
+        except (DBAPIError, sqlite3.Error) as exc:
+            dest.unlink(missing_ok=True)
+            raise translate_error(exc, label) or StorageError(f"{label}: {exc}") from exc
+
     async def _enable_wal(self) -> None:
         async with self.reader.connect() as conn:
             mode = (await conn.exec_driver_sql("PRAGMA journal_mode")).scalar_one()
