@@ -22,6 +22,8 @@ from sessionstore import (
 from tests.conftest import ManagerFactory
 from tests.helpers import ManualClock, wait_until
 
+pytestmark = pytest.mark.contract
+
 # --- creation ---
 
 

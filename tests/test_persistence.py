@@ -18,6 +18,8 @@ from sessionstore import SessionManager
 from tests.conftest import ManagerFactory
 from tests.helpers import REPO, ManualClock, wait_until
 
+pytestmark = pytest.mark.contract
+
 
 async def test_reopen_after_clean_close_restores_everything(
     make_manager: ManagerFactory, clock: ManualClock

@@ -8,11 +8,14 @@ import json
 import sqlite3
 from pathlib import Path
 
+import pytest
+
 from sessionstore import SessionManager
 from tests.conftest import ManagerFactory
 from tests.helpers import ManualClock
 
 
+@pytest.mark.contract
 async def test_jump_forward_expires_what_is_idle_and_nothing_else(
     manager: SessionManager, clock: ManualClock
 ) -> None:
@@ -25,6 +28,7 @@ async def test_jump_forward_expires_what_is_idle_and_nothing_else(
     assert await manager.get("busy") is not None
 
 
+@pytest.mark.contract
 async def test_jump_backward_does_not_make_sessions_immortal(
     manager: SessionManager, clock: ManualClock
 ) -> None:
@@ -79,6 +83,7 @@ async def test_cancelled_writes_leave_rows_old_or_new_and_the_lock_free(
         assert (got.data, got.version) == ({"n": n}, version)
 
 
+@pytest.mark.contract
 async def test_cancelled_ensure_is_either_created_or_absent(
     make_manager: ManagerFactory,
 ) -> None:
