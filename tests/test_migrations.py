@@ -15,7 +15,7 @@ from sqlalchemy import Connection
 
 from sessionstore import SessionManager, UnknownRevisionError, migrate
 from sessionstore.store import SessionStore
-from tests.helpers import REPO, run_python
+from tests.helpers import REPO, run_cli, run_python
 
 
 def _tables(path: Path) -> set[str]:
@@ -223,3 +223,31 @@ def test_migrations_work_from_an_installed_wheel(tmp_path: Path) -> None:
 
 def test_run_python_helper_reports_failures() -> None:
     assert run_python("raise SystemExit(3)").returncode == 3
+
+
+@pytest.mark.contract
+def test_alembic_and_the_cli_work_on_either_backend(database: str) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "alembic", "-x", f"database={database}", "upgrade", "head"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    current = run_cli("migrate", "current", "-d", database)
+    assert current.returncode == 0, current.stderr
+    assert f"{migrate.head_revision()} (head)" in current.stdout
+    listed = run_cli("ls", "--json", "-d", database)
+    assert (listed.returncode, listed.stdout.strip()) == (0, "[]")
+    result = subprocess.run(
+        [sys.executable, "-m", "alembic", "-x", f"database={database}", "downgrade", "base"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "(head)" not in run_cli("migrate", "current", "-d", database).stdout

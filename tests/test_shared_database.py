@@ -1,0 +1,98 @@
+"""Two managers on one database (two daemons, or a daemon and the admin CLI)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from sessionstore import Session, SessionLimitError, VersionConflictError
+from tests.conftest import ManagerFactory
+from tests.helpers import ManualClock, wait_until
+
+pytestmark = pytest.mark.contract
+
+
+async def test_a_session_created_by_one_is_served_by_the_other(
+    make_manager: ManagerFactory,
+) -> None:
+    async with make_manager() as a, make_manager() as b:
+        created = await a.ensure(data={"cart": ["apple"]})
+        token = await a.issue_token(created.session_id)
+        resumed = await b.resume(token)
+        assert resumed.session is not None
+        assert resumed.session.session_id == created.session_id
+        assert resumed.session.data == {"cart": ["apple"]}
+
+
+async def test_the_limit_holds_across_both(make_manager: ManagerFactory) -> None:
+    async with (
+        make_manager(max_concurrent_sessions=15) as a,
+        make_manager(max_concurrent_sessions=15) as b,
+    ):
+        results = await asyncio.gather(
+            *(m.ensure() for m in (a, b) for _ in range(20)), return_exceptions=True
+        )
+    assert sum(isinstance(r, Session) for r in results) == 15
+    assert sum(isinstance(r, SessionLimitError) for r in results) == 25
+
+
+async def test_cleanup_by_both_at_once_deletes_each_row_once(
+    make_manager: ManagerFactory, clock: ManualClock
+) -> None:
+    async with (
+        make_manager(max_concurrent_sessions=0, cleanup_chunk_rows=50) as a,
+        make_manager(max_concurrent_sessions=0, cleanup_chunk_rows=50) as b,
+    ):
+        await asyncio.gather(*(a.ensure() for _ in range(400)))
+        clock.advance(3601)
+        counts = await asyncio.gather(a.cleanup_stale_sessions(), b.cleanup_stale_sessions())
+        assert sum(counts) == 400
+        assert (await a.get_session_metrics())["total_sessions"] == 0
+
+
+async def test_activity_flushed_by_one_protects_from_the_others_cleanup(
+    make_manager: ManagerFactory, clock: ManualClock
+) -> None:
+    async with (
+        make_manager(session_timeout_secs=60) as a,
+        make_manager(session_timeout_secs=60) as b,
+    ):
+        await a.ensure("active-on-a")
+        clock.advance(50)
+        await a.update_activity("active-on-a")
+        await a.list_ids()  # flushes A's pending activity (as its flush timer would)
+        clock.advance(50)  # 100 s since creation, 50 s since the last activity
+        assert await b.cleanup_stale_sessions() == 0
+        assert await b.get("active-on-a") is not None
+
+
+async def test_cached_session_removed_elsewhere_is_dropped_within_the_refresh_interval(
+    make_manager: ManagerFactory,
+) -> None:
+    heard: list[tuple[str, str]] = []
+    async with make_manager(refresh_interval_secs=0.05) as a, make_manager() as b:
+        a.add_removal_listener(lambda sid, why: heard.append((sid, why)))
+        await a.ensure("shared")
+        assert await a.get("shared") is not None  # now cached by A
+        assert await b.remove("shared")
+
+        async def dropped() -> bool:
+            return heard == [("shared", "removed")]
+
+        await wait_until(dropped, timeout=2)
+        assert await a.get("shared") is None
+
+
+async def test_refresh_picks_up_data_changed_elsewhere(make_manager: ManagerFactory) -> None:
+    async with make_manager() as a, make_manager() as b:
+        await a.ensure("s", data={"v": 1})
+        await b.set_data("s", {"v": 2})
+        assert await a.refresh() == []
+        got = await a.get("s")
+        assert got is not None
+        assert (got.data, got.version) == ({"v": 2}, 2)
+        # Compare-and-set is decided by the database, not by a stale cache.
+        await b.set_data("s", {"v": 3})
+        with pytest.raises(VersionConflictError):
+            await a.set_data("s", {"v": 99}, if_version=2)
