@@ -11,6 +11,8 @@ Environment variables (the in-memory manager's names are kept):
 - ``SESSION_REFRESH_INTERVAL``: seconds between re-reads of cached sessions, which
   bounds how long a session deleted by another process is still served (default 5; 0 off)
 - ``SESSIONSTORE_SYNCHRONOUS``: SQLite ``synchronous`` pragma, FULL or NORMAL (default FULL)
+- ``SESSIONSTORE_POOL_SIZE``: database connections kept open (default 4; PostgreSQL may
+  open as many again under load)
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ _ENV: dict[str, tuple[str, type]] = {
     "max_data_bytes": ("SESSION_MAX_DATA_BYTES", int),
     "refresh_interval_secs": ("SESSION_REFRESH_INTERVAL", float),
     "synchronous": ("SESSIONSTORE_SYNCHRONOUS", str),
+    "pool_size": ("SESSIONSTORE_POOL_SIZE", int),
 }
 
 
@@ -56,6 +59,7 @@ class Settings:
     tombstone_retention_secs: float = 7 * 86400.0
     refresh_interval_secs: float = 5.0
     startup_check_max_bytes: int = 64 * 1024 * 1024
+    pool_size: int = 4
 
     def __post_init__(self) -> None:
         positive = (

@@ -153,6 +153,7 @@ class SessionManager:
             self.settings.database,
             synchronous=self.settings.synchronous,
             busy_timeout_ms=self.settings.busy_timeout_ms,
+            pool_size=self.settings.pool_size,
         )
         self._cache: dict[str, _Entry] = {}
         self._listeners: list[RemovalListener] = []

@@ -204,16 +204,23 @@ class SessionStore:
         database: A filesystem path (SQLite) or a SQLAlchemy URL.
         synchronous: SQLite ``synchronous`` pragma (``FULL`` or ``NORMAL``).
         busy_timeout_ms: How long SQLite waits for another writer's lock.
+        pool_size: Connections kept open.
     """
 
     def __init__(
-        self, database: str, *, synchronous: str = "FULL", busy_timeout_ms: int = 5000
+        self,
+        database: str,
+        *,
+        synchronous: str = "FULL",
+        busy_timeout_ms: int = 5000,
+        pool_size: int = 4,
     ) -> None:
         self.url = database_url(database)
         self.path = _sqlite_path(self.url)
         self.label = describe(database)
         self._synchronous = synchronous
         self._busy_timeout_ms = busy_timeout_ms
+        self._pool_size = pool_size
         self._engine: AsyncEngine | None = None
         self._reader: AsyncEngine | None = None
 
@@ -261,7 +268,10 @@ class SessionStore:
             except PermissionError as exc:
                 raise StorageReadOnlyError(f"{self.label}: cannot create: {exc}") from exc
         self._engine = make_engine(
-            self.url, synchronous=self._synchronous, busy_timeout_ms=self._busy_timeout_ms
+            self.url,
+            synchronous=self._synchronous,
+            busy_timeout_ms=self._busy_timeout_ms,
+            pool_size=self._pool_size,
         )
         self._reader = self._engine.execution_options(sessionstore_autocommit=True)
         try:
