@@ -176,7 +176,11 @@ def make_engine(
         return create_async_engine(
             url, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True
         )
-    engine = create_async_engine(url, pool_size=pool_size, max_overflow=0)
+    # No reset on return: every checkout ends its own transaction (write commits or
+    # rolls back; reads run without one), and the reset would cost a thread hop.
+    engine = create_async_engine(
+        url, pool_size=pool_size, max_overflow=0, pool_reset_on_return=None
+    )
 
     @event.listens_for(engine.sync_engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
