@@ -1,0 +1,119 @@
+"""Resume tokens: bearer secrets stored only as SHA-256, rotated, refused alike."""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import string
+from pathlib import Path
+
+import pytest
+
+from sessionstore import SessionManager
+from tests.conftest import ManagerFactory
+from tests.helpers import ManualClock
+
+
+@pytest.mark.contract
+async def test_token_resumes_its_session_and_rotation_revokes_the_old_one(
+    manager: SessionManager,
+) -> None:
+    session = await manager.ensure(data={"k": 1})
+    first = await manager.issue_token(session.session_id)
+    assert len(first) >= 43  # 32 bytes from secrets, base64url: 256 bits
+    resumed = await manager.resume(first)
+    assert resumed.reason is None
+    assert resumed.session is not None
+    assert (resumed.session.session_id, resumed.session.data) == (session.session_id, {"k": 1})
+    second = await manager.issue_token(session.session_id)
+    assert second != first
+    assert (await manager.resume(first)).reason == "revoked"
+    assert (await manager.resume(second)).session is not None
+
+
+@pytest.mark.contract
+async def test_failed_resumes_say_why(manager: SessionManager, clock: ManualClock) -> None:
+    removed = await manager.ensure()
+    removed_token = await manager.issue_token(removed.session_id)
+    idle = await manager.ensure()
+    idle_token = await manager.issue_token(idle.session_id)
+    await manager.remove(removed.session_id)
+    assert (await manager.resume(removed_token)).reason == "revoked"
+    clock.advance(61)
+    assert (await manager.resume(idle_token)).reason == "expired"  # row still there
+    assert await manager.cleanup_stale_sessions() == 1
+    assert (await manager.resume(idle_token)).reason == "expired"  # tombstone remembers
+    assert (await manager.resume("never-issued")).reason == "unknown"
+
+
+@pytest.mark.contract
+async def test_tombstones_are_forgotten_after_their_retention(
+    make_manager: ManagerFactory, clock: ManualClock
+) -> None:
+    async with make_manager(tombstone_retention_secs=100) as m:
+        s = await m.ensure()
+        token = await m.issue_token(s.session_id)
+        await m.remove(s.session_id)
+        clock.advance(101)
+        await m.cleanup_stale_sessions()
+        assert (await m.resume(token)).reason == "unknown"
+
+
+def _hostile_tokens(n: int) -> list[str]:
+    rng = random.Random(1234)
+    fixed = [
+        "",
+        " ",
+        "\x00",
+        "a\x00b",
+        "'",
+        '"',
+        "' OR 1=1 --",
+        "'; DROP TABLE sessions; --",
+        "x" * 10_240,
+        "\ud800",
+        "é" * 100,
+        "%s",
+        "{}",
+        "null",
+        "../../etc/passwd",
+    ]
+    alphabet = string.ascii_letters + string.digits + "-_"
+    tokens = list(fixed)
+    while len(tokens) < n:
+        kind = rng.randrange(3)
+        if kind == 0:  # well-formed: the same shape as a real token
+            tokens.append("".join(rng.choice(alphabet) for _ in range(43)))
+        elif kind == 1:
+            tokens.append("".join(chr(rng.randrange(1, 0x2FF)) for _ in range(rng.randrange(80))))
+        else:
+            tokens.append(rng.randbytes(rng.randrange(64)).decode("latin-1"))
+    return tokens
+
+
+async def test_ten_thousand_guesses_are_all_refused_alike(
+    manager: SessionManager, db_path: Path
+) -> None:
+    session = await manager.ensure()
+    real = await manager.issue_token(session.session_id)
+    reasons = set()
+    for guess in _hostile_tokens(10_000):
+        result = await manager.resume(guess)
+        assert result.session is None, guess
+        reasons.add(result.reason)
+    assert reasons == {"unknown"}
+    assert (await manager.resume(real)).session is not None
+    assert await manager.list_ids() == [session.session_id]  # nothing written, nothing lost
+
+
+async def test_raw_token_is_never_stored(manager: SessionManager, db_path: Path) -> None:
+    tokens = []
+    for _ in range(5):
+        s = await manager.ensure()
+        tokens.append(await manager.issue_token(s.session_id))
+        tokens.append(await manager.issue_token(s.session_id))  # the first goes to a tombstone
+    await manager.list_ids()
+    blobs = b"".join(p.read_bytes() for p in db_path.parent.glob(db_path.name + "*"))
+    for token in tokens:
+        assert token.encode() not in blobs
+    assert hashlib.sha256(tokens[-1].encode()).hexdigest().encode() in blobs
