@@ -254,6 +254,37 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECS",
         help="seconds between cleanup passes (default $SESSION_CLEANUP_INTERVAL)",
     )
+    p.add_argument(
+        "--max-size",
+        type=int,
+        default=None,
+        metavar="BYTES",
+        help="largest client frame; larger closes with 1009 (default $SESSIONSTORE_MAX_SIZE "
+        "or 65536)",
+    )
+    p.add_argument(
+        "--max-data-bytes",
+        type=int,
+        default=None,
+        metavar="BYTES",
+        help="largest JSON data per session (default $SESSION_MAX_DATA_BYTES or 65536)",
+    )
+    p.add_argument(
+        "--handshake-timeout",
+        type=float,
+        default=None,
+        metavar="SECS",
+        help="seconds to wait for hello/resume before close 4005 (default "
+        "$SESSIONSTORE_HANDSHAKE_TIMEOUT or 10)",
+    )
+    p.add_argument(
+        "--origin",
+        action="append",
+        default=None,
+        metavar="ORIGIN",
+        help="allowed Origin header, repeatable; others get HTTP 403 (default "
+        "$SESSIONSTORE_ORIGINS, comma-separated; unset: no check)",
+    )
     return parser
 
 
