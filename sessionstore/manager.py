@@ -121,6 +121,8 @@ class SessionManager:
             here override it.
         background_tasks: Run the periodic cleanup and refresh tasks (admin tools that
             open the database for one command turn them off).
+        log_recovery: Log the start-up line with the recovery counts (a daemon that
+            logs its own start-up line, with the same counts, turns it off).
         **options: Any other :class:`~sessionstore.config.Settings` field
             (``flush_interval_secs``, ``max_data_bytes``, ``synchronous``, ...).
 
@@ -138,6 +140,7 @@ class SessionManager:
         clock: Callable[[], float] = time.time,
         settings: Settings | None = None,
         background_tasks: bool = True,
+        log_recovery: bool = True,
         **options: Any,
     ) -> None:
         unknown = set(options) - set(Settings.field_names())
@@ -157,6 +160,7 @@ class SessionManager:
         self.settings = settings.with_(**{k: v for k, v in overrides.items() if v is not None})
         self._clock = clock
         self._background = background_tasks
+        self._log_recovery = log_recovery
         self._store = SessionStore(
             self.settings.database,
             synchronous=self.settings.synchronous,
@@ -264,7 +268,8 @@ class SessionManager:
             self._writer.start()
             self._state = "running"
             self.recovery = RecoveryReport(restored, expired, time.perf_counter() - started)
-            log.info(
+            log.log(
+                logging.INFO if self._log_recovery else logging.DEBUG,
                 "opened %s: %d live sessions restored, %d expired while down",
                 self._store.label,
                 restored,
@@ -454,7 +459,8 @@ class SessionManager:
         deleted yet), ``active_sessions`` (live), ``oldest_session_age``,
         ``newest_session_age``, ``avg_session_age`` (over live sessions; 0 when none),
         plus ``max_concurrent_sessions``, ``session_timeout_secs``, ``cached_sessions``,
-        ``pending_activity`` and the lifetime counters.
+        ``pending_activity``, ``flush_lag_seconds`` (how long the last write
+        transaction took) and the lifetime counters.
         """
         writer = self._running_writer()
         await writer.flush()
@@ -474,6 +480,7 @@ class SessionManager:
             "session_timeout_secs": self.settings.session_timeout_secs,
             "cached_sessions": len(self._cache),
             "pending_activity": writer.pending_touches,
+            "flush_lag_seconds": writer.last_flush_lag,
             **{f"sessions_{k}_total": v for k, v in self.counters.items()},
         }
 

@@ -141,6 +141,11 @@ class _Metrics:
                 "Sessions whose latest activity is not yet flushed to the database.",
                 "pending_activity",
             ),
+            (
+                "sessionstore_flush_lag_seconds",
+                "Duration of the last write transaction (how stale a commit can be).",
+                "flush_lag_seconds",
+            ),
         )
         for name, doc, key in gauges:
             if key in snap:
@@ -851,11 +856,6 @@ class DaemonOptions:
         return cls(**{k: v for k, v in values.items() if v is not None})
 
 
-class _HideInfo(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        return record.levelno > logging.INFO
-
-
 async def run_daemon(args: argparse.Namespace, settings: Settings) -> int:
     """Run ``sessionstore serve`` until SIGTERM or SIGINT, then drain; the exit status.
 
@@ -867,15 +867,9 @@ async def run_daemon(args: argparse.Namespace, settings: Settings) -> int:
     max_data = getattr(args, "max_data_bytes", None)
     if max_data is not None:
         settings = settings.with_(max_data_bytes=max_data)
-    manager = SessionManager(settings=settings)
     # The start-up line below reports recovery; the manager's own line would repeat it.
-    quiet = _HideInfo()
-    manager_log = logging.getLogger("sessionstore.manager")
-    manager_log.addFilter(quiet)
-    try:
-        await manager.start()
-    finally:
-        manager_log.removeFilter(quiet)
+    manager = SessionManager(settings=settings, log_recovery=False)
+    await manager.start()
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     signals: list[signal.Signals] = []

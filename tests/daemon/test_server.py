@@ -327,6 +327,7 @@ async def test_metrics_endpoint_is_prometheus_text(
     assert samples["sessionstore_draining"] == 0
     assert "sessionstore_cleanup_duration_seconds" in samples
     assert "sessionstore_pending_activity" in samples
+    assert samples["sessionstore_flush_lag_seconds"] > 0  # the creates above committed
 
 
 async def test_two_servers_keep_separate_metrics(
