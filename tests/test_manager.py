@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 from pathlib import Path
 
 import pytest
@@ -444,12 +445,24 @@ async def test_activity_is_flushed_within_the_flush_interval(
         await wait_until(flushed)
 
 
-async def test_no_task_outlives_aclose(make_manager: ManagerFactory) -> None:
-    before = set(asyncio.all_tasks())
+async def test_no_task_or_thread_outlives_aclose(make_manager: ManagerFactory) -> None:
+    tasks_before = set(asyncio.all_tasks())
+    threads_before = set(threading.enumerate())
     async with make_manager(refresh_interval_secs=0.01) as m:
-        await m.ensure()
-    leftover = {t for t in asyncio.all_tasks() - before if not t.done()}
+        await asyncio.gather(*(m.ensure() for _ in range(10)), m.list_ids(), m.get("x"))
+        if m.store.dialect == "sqlite":
+            assert set(threading.enumerate()) - threads_before  # aiosqlite's threads ran
+    leftover = {t for t in asyncio.all_tasks() - tasks_before if not t.done()}
     assert leftover == set()
+
+    def driver_threads_gone() -> bool:
+        return not {t for t in set(threading.enumerate()) - threads_before if t.is_alive()}
+
+    for _ in range(100):  # a closed aiosqlite thread exits right after its last reply
+        if driver_threads_gone():
+            break
+        await asyncio.sleep(0.01)
+    assert driver_threads_gone()
 
 
 def test_from_env_reads_the_session_variables(
