@@ -101,6 +101,11 @@ def _touched(entry: _Entry, last_activity: float) -> _Entry:
     return entry[:8] + _TIME.pack(last_activity) + entry[16:]
 
 
+def _valid_id(session_id: object) -> bool:
+    """Ids are non-empty printable text (so they can be stored, logged and compared)."""
+    return isinstance(session_id, str) and session_id != "" and session_id.isprintable()
+
+
 def hash_token(token: str) -> str:
     """SHA-256 hex digest of a resume token: the only form a token is stored in."""
     return hashlib.sha256(token.encode("utf-8", "surrogatepass")).hexdigest()
@@ -351,8 +356,8 @@ class SessionManager:
         writer = self._running_writer()
         now = self._clock()
         if session_id is not None:
-            if not isinstance(session_id, str) or not session_id:
-                raise ValueError("session_id must be a non-empty string")
+            if not _valid_id(session_id):
+                raise ValueError("session_id must be a non-empty string of printable characters")
             live = await self._live_entry(session_id)
             if live is not None:
                 return self._snapshot(session_id, live)
@@ -380,6 +385,8 @@ class SessionManager:
         A resume with the session's token afterwards fails with reason ``revoked``.
         """
         writer = self._running_writer()
+        if not _valid_id(session_id):
+            return False
         existed: bool = await writer.submit("delete", session_id)
         self._gone([session_id] if existed else [], "removed")
         self._cache.pop(session_id, None)
@@ -508,6 +515,8 @@ class SessionManager:
             DataTooLargeError, InvalidDataError: the result would be unusable.
         """
         writer = self._running_writer()
+        if not _valid_id(session_id):
+            raise SessionNotFoundError(session_id)
         update = dict(data or {})
         self._encode(update)  # fail early, before queueing, on unencodable values
         change = _DataChange(session_id, update, tuple(delete), replace, if_version)
@@ -524,6 +533,8 @@ class SessionManager:
         Raises:
             SessionNotFoundError: no live session with that id.
         """
+        if not _valid_id(session_id):
+            raise SessionNotFoundError(session_id)
         token = secrets.token_urlsafe(32)
         ok: bool = await self._running_writer().submit("token", (session_id, hash_token(token)))
         if not ok:
@@ -605,6 +616,8 @@ class SessionManager:
         now = self._clock()
         entry = self._cache.get(session_id)
         if entry is None:
+            if not _valid_id(session_id):
+                return None
             row = await self._store.fetch(session_id)
             if row is None:
                 return None
@@ -641,7 +654,10 @@ class SessionManager:
             text = dumps(dict(data))
         except (TypeError, ValueError) as exc:
             raise InvalidDataError(f"session data is not JSON-serialisable: {exc}") from exc
-        size = len(text.encode("utf-8", "surrogatepass"))
+        try:
+            size = len(text.encode("utf-8"))
+        except UnicodeEncodeError as exc:
+            raise InvalidDataError("session data has a string that is not valid Unicode") from exc
         if size > self.settings.max_data_bytes:
             raise DataTooLargeError(size, self.settings.max_data_bytes)
         return text
@@ -678,6 +694,10 @@ class SessionManager:
                 results.append(SessionNotFoundError(change.session_id))
                 continue
             if change.if_version is not None and change.if_version != row.version:
+                # The row is newer than what the caller saw (another process wrote it):
+                # cache it, so that the caller's next read is not stale again.
+                if change.session_id in self._cache:
+                    self._remember(row)
                 results.append(
                     VersionConflictError(change.session_id, change.if_version, row.version)
                 )

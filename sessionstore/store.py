@@ -306,7 +306,8 @@ class SessionStore:
         if self.dialect != "sqlite":
             return
         async with self.guard(), self.reader.connect() as conn:
-            problems = [str(r[0]) for r in await conn.exec_driver_sql("PRAGMA quick_check(5)")]
+            result = await conn.exec_driver_sql("PRAGMA quick_check(5)")
+            problems = [" ".join(str(r[0]).split()) for r in result]  # one line per problem
         if problems != ["ok"]:
             raise DatabaseCorruptError(
                 f"{self.label}: database file is corrupt ({'; '.join(problems)[:300]})"

@@ -179,16 +179,19 @@ class GroupCommitWriter:
         try:
             results = await self._store.write(work)
         except Exception as exc:
-            # Nothing committed: keep the touches for the next try (newer ones win).
-            for sid, ts in touches.items():
-                self._pending.setdefault(sid, ts)
-            if self._pending and self._deadline is None:
-                self._deadline = asyncio.get_running_loop().time() + self._flush_interval
+            self._restore(touches)
+            live = [r for r in batch if not r.future.done()]
+            if len(live) > 1:
+                # Nothing committed, and one request may have doomed the rest (a write
+                # that does not fit on a full disk): retry each alone, so only it fails.
+                for request in live:
+                    if not request.future.done():
+                        await self._commit([request])
+                return
             if not batch:
                 log.warning("activity flush failed, will retry: %s", exc)
-            for request in batch:
-                if not request.future.done():
-                    request.future.set_exception(exc)
+            for request in live:
+                request.future.set_exception(exc)
             if self._closing and not batch:
                 # Shutting down and the disk refuses: do not spin; report and drop.
                 log.error("dropping %d unflushed activity touches: %s", len(self._pending), exc)
@@ -203,6 +206,13 @@ class GroupCommitWriter:
                 request.future.set_exception(result)
             else:
                 request.future.set_result(result)
+
+    def _restore(self, touches: dict[str, float]) -> None:
+        """Put back touches a failed transaction did not write (newer ones win)."""
+        for sid, ts in touches.items():
+            self._pending.setdefault(sid, ts)
+        if self._pending and self._deadline is None:
+            self._deadline = asyncio.get_running_loop().time() + self._flush_interval
 
 
 async def _barrier(_conn: AsyncConnection, args: list[Any]) -> list[Any]:

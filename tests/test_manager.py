@@ -500,3 +500,24 @@ def test_bad_settings_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
         SessionManager(session_timeout_secs=-1)
     with pytest.raises(TypeError, match="unknown option"):
         SessionManager(colour="blue")
+
+
+async def test_unpaired_surrogates_are_refused_without_harming_other_writes(
+    manager: SessionManager,
+) -> None:
+    await manager.ensure("a")
+    await manager.ensure("b")
+    bad, good = await asyncio.gather(
+        manager.set_data("a", {"k": "\ud800"}),
+        manager.set_data("b", {"ok": 1}),
+        return_exceptions=True,
+    )
+    assert isinstance(bad, InvalidDataError)
+    assert isinstance(good, Session)
+    assert good.data == {"ok": 1}
+    with pytest.raises(InvalidDataError):
+        await manager.ensure(data={"\udfff": 1})
+    with pytest.raises(ValueError, match="printable"):
+        await manager.ensure("\ud800")
+    assert await manager.get("\ud800") is None
+    assert await manager.remove("\ud800") is False

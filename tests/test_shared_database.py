@@ -96,3 +96,16 @@ async def test_refresh_picks_up_data_changed_elsewhere(make_manager: ManagerFact
         await b.set_data("s", {"v": 3})
         with pytest.raises(VersionConflictError):
             await a.set_data("s", {"v": 99}, if_version=2)
+
+
+async def test_a_version_conflict_refreshes_the_stale_cache(make_manager: ManagerFactory) -> None:
+    async with make_manager() as a, make_manager() as b:
+        await a.ensure("s", data={"n": 0})
+        assert await a.get("s") is not None  # cached by A at version 1
+        await b.set_data("s", {"n": 1}, if_version=1)
+        with pytest.raises(VersionConflictError):
+            await a.set_data("s", {"n": 1}, if_version=1)
+        got = await a.get("s")  # no refresh interval needed: the conflict told A
+        assert got is not None
+        assert (got.data, got.version) == ({"n": 1}, 2)
+        assert (await a.set_data("s", {"n": 2}, if_version=got.version)).version == 3

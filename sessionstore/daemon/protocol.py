@@ -284,6 +284,17 @@ def _check_version(frame: Mapping[str, Any], rid: RequestId) -> None:
         )
 
 
+_LONE_SURROGATE_ESCAPE: Final = re.compile(r"\\u[dD][89abcdefABCDEF]")
+
+
+def _encodable(value: Any) -> bool:
+    try:
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def parse(frame: str | bytes) -> Request:
     """Parse one client text frame.
 
@@ -309,6 +320,10 @@ def parse(frame: str | bytes) -> Request:
         raise ProtocolError("bad_json", f"invalid JSON: {exc}") from None
     if not isinstance(value, dict):
         raise ProtocolError("not_object", "a frame must be a JSON object")
+    if _LONE_SURROGATE_ESCAPE.search(text) and not _encodable(value):
+        # JSON may escape half of a surrogate pair; such a string is not Unicode text,
+        # cannot be stored, and cannot even be echoed back (so no request id either).
+        raise ProtocolError("bad_json", "a string holds an unpaired surrogate (not Unicode)")
     if _depth(value) > MAX_DEPTH:
         raise ProtocolError("bad_json", f"nested deeper than {MAX_DEPTH} levels")
     rid = _request_id(value)

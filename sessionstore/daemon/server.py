@@ -46,6 +46,7 @@ from ..errors import (
     SessionNotFoundError,
     SessionStoreError,
     StorageError,
+    StorageFullError,
     VersionConflictError,
 )
 from ..manager import SessionManager
@@ -624,6 +625,9 @@ class SessionServer:
         except SessionNotFoundError:
             self._gone(client, "expired or removed")
             return None
+        except StorageFullError as exc:
+            log.warning("request on session %s failed: %s", sid, exc)
+            return self._error(rid, "storage_full", "the server's storage is full; retry later")
         except StorageError as exc:
             log.warning("request on session %s failed: %s", sid, exc)
             return self._error(rid, "storage_error", "the database could not be used; retry")
