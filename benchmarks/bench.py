@@ -1,0 +1,1464 @@
+#!/usr/bin/env python
+"""sessionstore vs raw sqlite3 (the physical limit) vs Redis, side by side (issue 4).
+
+Run ``python benchmarks/bench.py [--quick] [--json out.json] [--scenario NAME ...]``.
+Every database lives in a temporary directory that is removed at the end; Redis is
+used only when a server answers on ``REDIS_URL`` (default redis://127.0.0.1:6379/0),
+under a key prefix of its own, and only those keys are ever deleted. The process
+exits 0 whether or not a target is met (non-zero only when a scenario crashes).
+See benchmarks/README.md for what each figure means.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import contextlib
+import cProfile
+import gc
+import json
+import logging
+import os
+import platform
+import pstats
+import random
+import secrets
+import shutil
+import sqlite3
+import statistics
+import sys
+import tempfile
+import time
+import traceback
+import tracemalloc
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import sessionstore
+from sessionstore import SessionManager
+
+try:
+    import redis.asyncio as aioredis
+except ImportError:  # the `bench` extra is not installed
+    aioredis = None  # type: ignore[assignment]
+
+log = logging.getLogger("bench")
+
+#: Fixed epoch for every clock: the benchmark moves time instead of waiting.
+BASE = 1_700_000_000.0
+#: session_timeout_secs everywhere (30 days: longer than any row range below).
+TIMEOUT = 30 * 86400.0
+#: The 200-byte JSON object every session carries.
+DATA: dict[str, str] = {"v": "x" * 192}
+DATA_TEXT = json.dumps(DATA, separators=(",", ":"))
+assert len(DATA_TEXT) == 200
+INSERT_SQL = (
+    "INSERT INTO sessions (session_id, created_at, last_activity, data, version) "
+    "VALUES (?, ?, ?, ?, 1)"
+)
+TOUCH_SQL = "UPDATE sessions SET last_activity = ? WHERE session_id = ?"
+CHUNK_DELETE_SQL = (
+    "DELETE FROM sessions WHERE session_id IN "
+    "(SELECT session_id FROM sessions WHERE last_activity < ? LIMIT ?)"
+)
+COLUMNS = "session_id, created_at, last_activity, data, version"
+SCENARIOS = ("create", "touch", "get", "cleanup", "restart", "latency", "memory")
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """How big each scenario is (full run vs ``--quick``)."""
+
+    duration: float  # seconds of each throughput measurement
+    tasks: int  # concurrent tasks for the throughput scenarios
+    latency_tasks: int  # concurrent ensure() callers during the big cleanup
+    live: int  # live sessions for touch/get
+    small: int  # rows of the small restart database
+    big: int  # rows of the big database (cleanup, restart, latency)
+    memory: int  # sessions for the memory figure
+    repeats: int  # restart measurements (median)
+
+
+FULL = Sizes(3.0, 256, 16, 10_000, 10_000, 1_000_000, 50_000, 3)
+QUICK = Sizes(0.4, 256, 16, 2_000, 1_000, 20_000, 5_000, 3)
+
+
+class Clock:
+    """A mutable clock injected into the manager: a float the benchmark moves."""
+
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@dataclass
+class Row:
+    """One line of the results table."""
+
+    key: str
+    label: str
+    unit: str  # ops/s (higher is better) or s, ms, B (lower is better)
+    ss: float | None
+    raw: float | None
+    redis: float | None
+    note: str = ""
+
+    @property
+    def ss_raw(self) -> float | None:
+        """sessionstore's figure divided by raw sqlite3's."""
+        return _ratio(self.ss, self.raw)
+
+    @property
+    def ss_redis(self) -> float | None:
+        """sessionstore's figure divided by Redis's."""
+        return _ratio(self.ss, self.redis)
+
+
+@dataclass
+class Target:
+    """One target of issue 4 and whether this run met it."""
+
+    name: str
+    value: float | None
+    op: str  # ">=" or "<="
+    threshold: float
+    unit: str  # "x" (a ratio) or "ms", "B"
+    detail: str = ""
+
+    @property
+    def status(self) -> str:
+        """PASS, MISS, or SKIP (a contender was unavailable)."""
+        if self.value is None:
+            return "SKIP"
+        ok = self.value >= self.threshold if self.op == ">=" else self.value <= self.threshold
+        return "PASS" if ok else "MISS"
+
+    @property
+    def off_by(self) -> str:
+        """How far from the threshold, as a factor."""
+        if self.value is None or self.value == 0 or self.threshold == 0:
+            return ""
+        factor = self.threshold / self.value if self.op == ">=" else self.value / self.threshold
+        return f"{factor:.2f}x short" if self.status == "MISS" else f"{1 / factor:.2f}x margin"
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
+
+
+def new_id() -> str:
+    """A session id shaped like the manager's own (128 random bits, 22 characters)."""
+    return secrets.token_urlsafe(16)
+
+
+def fake_ids(n: int, seed: int) -> list[str]:
+    """``n`` distinct ids shaped like :func:`new_id`'s, reproducible."""
+    rng = random.Random(seed)
+    return [base64.urlsafe_b64encode(rng.randbytes(16)).rstrip(b"=").decode() for _ in range(n)]
+
+
+def clock_for(n: int, expired_fraction: float) -> float:
+    """The clock at which the first ``expired_fraction`` of a ``populate``d db expired.
+
+    Row ``i`` has ``last_activity = BASE + i``; it is expired when that is earlier
+    than ``now - TIMEOUT``.
+    """
+    return BASE + round(expired_fraction * n) + TIMEOUT
+
+
+#: Settings given with ``--set NAME=VALUE``, applied to every manager the run makes.
+OVERRIDES: dict[str, Any] = {}
+
+
+def make_manager(path: Path, clock: Clock, **options: Any) -> SessionManager:
+    """A manager with no session limit and no periodic cleanup during a measurement."""
+    opts: dict[str, Any] = {
+        "session_timeout_secs": TIMEOUT,
+        "max_concurrent_sessions": 0,
+        "cleanup_interval_secs": 3600.0,
+        "synchronous": "FULL",
+        **OVERRIDES,
+    }
+    opts.update(options)
+    return SessionManager(str(path), clock=clock, **opts)
+
+
+def parse_setting(text: str) -> tuple[str, Any]:
+    """``NAME=VALUE`` from the command line; VALUE as JSON when it parses (numbers)."""
+    name, sep, raw = text.partition("=")
+    if not sep or not name:
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
+    try:
+        value: Any = json.loads(raw)
+    except ValueError:
+        value = raw
+    return name.strip(), value
+
+
+def raw_connect(path: Path) -> sqlite3.Connection:
+    """A stdlib connection with sessionstore's durability: WAL, synchronous=FULL."""
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    conn.execute("PRAGMA journal_mode = WAL")
+    conn.execute("PRAGMA synchronous = FULL")
+    conn.execute("PRAGMA busy_timeout = 5000")
+    return conn
+
+
+def populate(path: Path, ids: Sequence[str], last_activity: Callable[[int], float]) -> None:
+    """Bulk-insert rows into a migrated database (indexes dropped and rebuilt)."""
+    conn = sqlite3.connect(path, isolation_level=None)
+    try:
+        conn.execute("PRAGMA journal_mode = OFF")
+        conn.execute("PRAGMA synchronous = OFF")
+        conn.execute("PRAGMA cache_size = -262144")
+        indexes = conn.execute(
+            "SELECT name, sql FROM sqlite_master "
+            "WHERE type = 'index' AND tbl_name = 'sessions' AND sql IS NOT NULL"
+        ).fetchall()
+        for name, _sql in indexes:
+            conn.execute(f'DROP INDEX "{name}"')
+        conn.execute("BEGIN")
+        conn.executemany(
+            INSERT_SQL,
+            ((sid, last_activity(i), last_activity(i), DATA_TEXT) for i, sid in enumerate(ids)),
+        )
+        conn.execute("COMMIT")
+        for _name, sql in indexes:
+            conn.execute(sql)
+        conn.execute("PRAGMA journal_mode = WAL")
+    finally:
+        conn.close()
+
+
+async def throughput(
+    tasks: int, duration: float, op: Callable[[int, int], Awaitable[Any]]
+) -> float:
+    """Run ``op(task, i)`` from ``tasks`` tasks for ``duration`` seconds; ops/s.
+
+    Each task yields to the event loop at least every 100 ops (a daemon awaits I/O
+    between calls), so background work such as the writer's flush keeps running
+    even when ``op`` never suspends.
+    """
+    loop = asyncio.get_running_loop()
+    counts = [0] * tasks
+    start = time.perf_counter()
+    deadline = loop.time() + duration
+
+    async def worker(k: int) -> None:
+        i = 0
+        while loop.time() < deadline:
+            await op(k, i)
+            i += 1
+            if i % 100 == 0:
+                await asyncio.sleep(0)
+        counts[k] = i
+
+    await asyncio.gather(*(worker(k) for k in range(tasks)))
+    return sum(counts) / (time.perf_counter() - start)
+
+
+async def fixed_work(
+    tasks: int, items: Sequence[Any], op: Callable[[Any], Awaitable[Any]]
+) -> float:
+    """Run ``op`` once per item, items shared out over ``tasks`` tasks; ops/s."""
+    start = time.perf_counter()
+
+    async def worker(k: int) -> None:
+        for item in items[k::tasks]:
+            await op(item)
+
+    await asyncio.gather(*(worker(k) for k in range(tasks)))
+    return len(items) / (time.perf_counter() - start)
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """The ``q``-quantile (0..1) by nearest rank."""
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q * len(ordered)) - 1))]
+
+
+class RedisSide:
+    """The Redis contender: one client, a key prefix of its own, its keys tracked."""
+
+    def __init__(self, client: Any, url: str) -> None:
+        self.client = client
+        self.url = url
+        self.prefix = f"ssb{secrets.token_hex(3)}:"
+        self.info: dict[str, Any] = {}
+
+    def key(self, session_id: str) -> str:
+        """The Redis key of a session id."""
+        return self.prefix + session_id
+
+    async def set_many(self, keys: Sequence[str], ttl: float | None = TIMEOUT) -> None:
+        """Store the session value under every key (pipelined, 1,000 at a time)."""
+        for start in range(0, len(keys), 1000):
+            chunk = keys[start : start + 1000]
+            if ttl is None:
+                await self.client.mset(dict.fromkeys(chunk, DATA_TEXT))
+                continue
+            pipe = self.client.pipeline(transaction=False)
+            for key in chunk:
+                pipe.set(key, DATA_TEXT, ex=int(ttl))
+            await pipe.execute()
+
+    async def delete(self, keys: Sequence[str]) -> None:
+        """Delete these keys (all ours), 1,000 per DEL."""
+        for start in range(0, len(keys), 1000):
+            await self.client.delete(*keys[start : start + 1000])
+
+    async def delete_all_ours(self) -> None:
+        """Delete every key under our prefix (and nothing else)."""
+        batch: list[str] = []
+        async for key in self.client.scan_iter(match=self.prefix + "*", count=1000):
+            batch.append(key)
+            if len(batch) >= 1000:
+                await self.client.delete(*batch)
+                batch = []
+        if batch:
+            await self.client.delete(*batch)
+
+    async def used_memory(self) -> int:
+        """The server's ``used_memory``."""
+        return int((await self.client.info("memory"))["used_memory"])
+
+
+class Context:
+    """Settings, the temporary root, the contenders and the collected results."""
+
+    def __init__(self, args: argparse.Namespace, root: Path) -> None:
+        self.quick: bool = args.quick
+        self.sizes = QUICK if args.quick else FULL
+        self.root = root
+        self.profile_dir: Path | None = args.profile
+        self.redis: RedisSide | None = None
+        self.redis_note = ""
+        self.rows: list[Row] = []
+        self.targets: list[Target] = []
+        self.extra: dict[str, Any] = {}
+        self._template: Path | None = None
+        self._big: tuple[Path, list[str]] | None = None
+        self._counter = 0
+
+    def path(self, name: str) -> Path:
+        """A fresh file name under the temporary root."""
+        self._counter += 1
+        return self.root / f"{self._counter:02d}-{name}"
+
+    async def fresh_db(self, name: str) -> Path:
+        """A new database file migrated by sessionstore itself (copied from a template)."""
+        if self._template is None:
+            self._template = self.root / "template.db"
+            manager = make_manager(self._template, Clock(BASE), background_tasks=False)
+            await manager.start()
+            await manager.aclose()
+        path = self.path(name)
+        shutil.copyfile(self._template, path)
+        return path
+
+    async def big(self) -> tuple[Path, list[str]]:
+        """The big database (``sizes.big`` rows, last_activity BASE+i), built once."""
+        if self._big is None:
+            n = self.sizes.big
+            started = time.perf_counter()
+            path = await self.fresh_db("big-template.db")
+            ids = fake_ids(n, seed=4)
+            populate(path, ids, lambda i: BASE + i)
+            self._big = (path, ids)
+            size = path.stat().st_size
+            print(
+                f"   (built the {n:,}-row database in {time.perf_counter() - started:.1f} s: "
+                f"{size / 1e6:.0f} MB, {size / n:.0f} B/row)",
+                flush=True,
+            )
+        return self._big
+
+    async def big_copy(self, name: str) -> tuple[Path, list[str]]:
+        """A private copy of the big database (scenarios that change it)."""
+        template, ids = await self.big()
+        path = self.path(name)
+        shutil.copyfile(template, path)
+        return path, ids
+
+    def add(self, row: Row) -> None:
+        """Record and print one result row."""
+        self.rows.append(row)
+        print(format_row(row), flush=True)
+        if row.note:
+            print(f"{'':4}{row.note}", flush=True)
+
+    def target(self, target: Target) -> None:
+        """Record one target."""
+        self.targets.append(target)
+
+    @contextlib.contextmanager
+    def profiled(self, name: str) -> Iterator[None]:
+        """cProfile the block when ``--profile DIR`` was given (main thread only)."""
+        if self.profile_dir is None:
+            yield
+            return
+        profiler = cProfile.Profile()
+        profiler.enable()
+        try:
+            yield
+        finally:
+            profiler.disable()
+            self.profile_dir.mkdir(parents=True, exist_ok=True)
+            out = self.profile_dir / f"{name}.prof"
+            profiler.dump_stats(out)
+            print(f"   --- profile {name} ({out}), top 25 by cumulative time ---")
+            stats = pstats.Stats(profiler, stream=sys.stdout)
+            stats.sort_stats("cumulative").print_stats(25)
+
+
+# ----- output -----
+
+_UNIT_HELP = {"ops/s": "higher is better", "s": "lower", "ms": "lower", "B": "lower"}
+
+
+def fmt(value: float | None, unit: str) -> str:
+    """A figure for the table."""
+    if value is None:
+        return "-"
+    if unit == "ops/s" or unit == "B":
+        return f"{value:,.0f}"
+    if unit == "ms":
+        return f"{value:,.2f}"
+    return f"{value:,.4f}" if value < 1 else f"{value:,.2f}"
+
+
+def fmt_ratio(value: float | None) -> str:
+    """A ratio for the table."""
+    return "-" if value is None else f"{value:.2f}"
+
+
+HEADER = (
+    f"{'#':<4}{'scenario':<46}{'unit':>6}{'sessionstore':>14}{'raw sqlite3':>14}"
+    f"{'redis':>12}{'ss/raw':>8}{'ss/redis':>9}"
+)
+
+
+def format_row(row: Row) -> str:
+    """One table line."""
+    return (
+        f"{row.key:<4}{row.label:<46}{row.unit:>6}{fmt(row.ss, row.unit):>14}"
+        f"{fmt(row.raw, row.unit):>14}{fmt(row.redis, row.unit):>12}"
+        f"{fmt_ratio(row.ss_raw):>8}{fmt_ratio(row.ss_redis):>9}"
+    )
+
+
+def print_summary(ctx: Context, wall: float) -> None:
+    """The full table, then the targets."""
+    print()
+    print("=" * len(HEADER))
+    print(HEADER)
+    print("-" * len(HEADER))
+    for row in ctx.rows:
+        print(format_row(row))
+    print("-" * len(HEADER))
+    print("ops/s: higher is better; s, ms, B: lower is better. ss/x = sessionstore / x.")
+    if ctx.redis is None:
+        print(f"Redis: skipped ({ctx.redis_note}).")
+    else:
+        print(f"Redis: {ctx.redis_note}")
+    print()
+    print(f"{'target (issue 4)':<64}{'measured':>12}{'target':>10}  status")
+    for t in ctx.targets:
+        digits = 3 if t.unit == "x" else 1
+        value = "-" if t.value is None else f"{t.value:,.{digits}f}{t.unit}"
+        threshold = f"{t.op} {t.threshold:g}{t.unit}"
+        print(f"{t.name:<64}{value:>12}{threshold:>10}  {t.status:<5} {t.off_by}")
+        if t.detail:
+            print(f"{'':4}{t.detail}")
+    print(f"\nwall time {wall:.1f} s ({'quick' if ctx.quick else 'full'} run)")
+
+
+# ----- 1. create -----
+
+
+async def scenario_create(ctx: Context) -> None:
+    """ensure() of new sessions, durable on return: 1 task and 256 tasks."""
+    s = ctx.sizes
+    figures: dict[int, tuple[float, float, float | None]] = {}
+    for tasks in (1, s.tasks):
+        path = await ctx.fresh_db(f"create-ss-{tasks}.db")
+        manager = make_manager(path, Clock(BASE))
+        await manager.start()
+        await manager.ensure(data=DATA)
+
+        async def op(_k: int, _i: int, manager: SessionManager = manager) -> None:
+            await manager.ensure(data=DATA)
+
+        with ctx.profiled(f"create_{tasks}"):
+            ss = await throughput(tasks, s.duration, op)
+        transactions = getattr(getattr(manager, "_writer", None), "transactions", 0)
+        await manager.aclose()
+
+        raw = raw_create(await ctx.fresh_db(f"create-raw-{tasks}.db"), tasks, s.duration)
+        rd = await redis_set_throughput(ctx, tasks, s.duration) if ctx.redis else None
+        figures[tasks] = (ss, raw, rd)
+        per_txn = "one transaction per create" if tasks == 1 else f"{tasks} creates a transaction"
+        ctx.add(
+            Row(
+                f"1{'a' if tasks == 1 else 'b'}",
+                f"create, {tasks} task{'s' if tasks > 1 else ''} (durable on return)",
+                "ops/s",
+                ss,
+                raw,
+                rd,
+                f"raw: INSERT, {per_txn}, WAL+FULL; redis: SET EX (not durable: "
+                f"appendonly={ctx.redis.info.get('appendonly', '?') if ctx.redis else '-'}); "
+                f"sessionstore used {transactions} transactions",
+            )
+        )
+    ss, raw, rd = figures[s.tasks]
+    ctx.target(
+        Target(
+            f"create@{s.tasks}: sessionstore / Redis SET EX",
+            _ratio(ss, rd),
+            ">=",
+            3,
+            "x",
+        )
+    )
+    ctx.target(
+        Target(
+            f"create@{s.tasks}: sessionstore / raw batched limit", _ratio(ss, raw), ">=", 0.5, "x"
+        )
+    )
+
+
+def raw_create(path: Path, per_txn: int, duration: float) -> float:
+    """INSERTs of new sessions, ``per_txn`` rows a transaction; rows/s."""
+    conn = raw_connect(path)
+    try:
+        n = 0
+        start = time.perf_counter()
+        deadline = start + duration
+        while time.perf_counter() < deadline:
+            now = time.time()
+            rows = [
+                (new_id(), now, now, json.dumps(DATA, separators=(",", ":")))
+                for _ in range(per_txn)
+            ]
+            conn.execute("BEGIN IMMEDIATE")
+            conn.executemany(INSERT_SQL, rows)
+            conn.execute("COMMIT")
+            n += per_txn
+        return n / (time.perf_counter() - start)
+    finally:
+        conn.close()
+
+
+async def redis_set_throughput(ctx: Context, tasks: int, duration: float) -> float:
+    """SET EX of new keys from ``tasks`` tasks; ops/s (the keys are deleted after)."""
+    assert ctx.redis is not None
+    client = ctx.redis.client
+    keys: list[str] = []
+
+    async def op(_k: int, _i: int) -> None:
+        key = ctx.redis.key(new_id())  # type: ignore[union-attr]
+        keys.append(key)
+        await client.set(key, json.dumps(DATA, separators=(",", ":")), ex=int(TIMEOUT))
+
+    rate = await throughput(tasks, duration, op)
+    await ctx.redis.delete(keys)
+    return rate
+
+
+# ----- 2. update_activity -----
+
+
+async def scenario_touch(ctx: Context) -> None:
+    """update_activity on live sessions from 256 tasks, and the flush's write rate."""
+    s = ctx.sizes
+    n = s.live
+    ids = fake_ids(n, seed=2)
+    path = await ctx.fresh_db("touch.db")
+    populate(path, ids, lambda _i: BASE)
+    clock = Clock(BASE + 1)
+
+    manager = make_manager(path, clock)
+    await manager.start()
+    for sid in ids:  # the daemon holds its live sessions; load them (untimed)
+        await manager.get(sid)
+
+    async def op(k: int, i: int) -> None:
+        await manager.update_activity(ids[(i * s.tasks + k) % n])
+
+    with ctx.profiled("touch"):
+        ss = await throughput(s.tasks, s.duration, op)
+    await manager.aclose()
+
+    # The flush: a restarted manager that never flushes on its own holds N pending
+    # touches; the next write transaction carries them all (one executemany), so an
+    # ensure() of a new session returns once they are committed. aclose() is timed too.
+    manager = make_manager(path, clock, flush_interval_secs=3600.0)
+    await manager.start()
+    for sid in ids:
+        await manager.get(sid)
+    await manager.ensure(data=DATA)  # warm the insert path
+    clock.now += 1
+    for sid in ids:
+        await manager.update_activity(sid)
+    with ctx.profiled("flush"):
+        started = time.perf_counter()
+        await manager.ensure(data=DATA)
+        flush_seconds = time.perf_counter() - started
+    ss_flush = n / flush_seconds
+    started = time.perf_counter()
+    await manager.aclose()
+    close_seconds = time.perf_counter() - started
+    check = sqlite3.connect(path)
+    persisted = check.execute(
+        "SELECT count(*) FROM sessions WHERE last_activity = ?", (clock.now,)
+    ).fetchone()[0]
+    check.close()
+
+    raw_touch = raw_touch_rate(path, ids, s.tasks, s.duration)
+    raw_flush = raw_flush_rate(path, ids, clock.now + 1)
+    rd = None
+    if ctx.redis is not None:
+        keys = [ctx.redis.key(sid) for sid in ids]
+        await ctx.redis.set_many(keys)
+        client = ctx.redis.client
+
+        async def rop(k: int, i: int) -> None:
+            await client.expire(keys[(i * s.tasks + k) % n], int(TIMEOUT))
+
+        rd = await throughput(s.tasks, s.duration, rop)
+        await ctx.redis.delete(keys)
+    ctx.add(
+        Row(
+            "2a",
+            f"update_activity, {n:,} live sessions, {s.tasks} tasks",
+            "ops/s",
+            ss,
+            raw_touch,
+            rd,
+            f"raw: UPDATE, {s.tasks} a transaction (every touch written); redis: EXPIRE",
+        )
+    )
+    ctx.add(
+        Row(
+            "2b",
+            f"flush of {n:,} pending touches (rows/s)",
+            "ops/s",
+            ss_flush,
+            raw_flush,
+            None,
+            f"sessionstore: ensure() with {n:,} touches pending took {flush_seconds * 1e3:.1f} ms "
+            f"({persisted:,}/{n:,} persisted; aclose() after {close_seconds * 1e3:.0f} ms); "
+            f"raw: one executemany of {n:,} UPDATEs + COMMIT",
+        )
+    )
+    ctx.target(
+        Target("update_activity: sessionstore / Redis EXPIRE", _ratio(ss, rd), ">=", 20, "x")
+    )
+    ctx.target(
+        Target(
+            "flush persistence rate: sessionstore / raw executemany",
+            _ratio(ss_flush, raw_flush),
+            ">=",
+            0.5,
+            "x",
+        )
+    )
+
+
+def raw_touch_rate(path: Path, ids: Sequence[str], per_txn: int, duration: float) -> float:
+    """UPDATE last_activity, ``per_txn`` touches a transaction; touches/s."""
+    conn = raw_connect(path)
+    try:
+        n = 0
+        start = time.perf_counter()
+        deadline = start + duration
+        while time.perf_counter() < deadline:
+            now = time.time()
+            params = [(now, ids[(n + j) % len(ids)]) for j in range(per_txn)]
+            conn.execute("BEGIN IMMEDIATE")
+            conn.executemany(TOUCH_SQL, params)
+            conn.execute("COMMIT")
+            n += per_txn
+        return n / (time.perf_counter() - start)
+    finally:
+        conn.close()
+
+
+def raw_flush_rate(path: Path, ids: Sequence[str], now: float) -> float:
+    """One executemany of every touch in one transaction; rows/s."""
+    conn = raw_connect(path)
+    try:
+        started = time.perf_counter()
+        conn.execute("BEGIN IMMEDIATE")
+        conn.executemany(TOUCH_SQL, [(now, sid) for sid in ids])
+        conn.execute("COMMIT")
+        return len(ids) / (time.perf_counter() - started)
+    finally:
+        conn.close()
+
+
+# ----- 3. get -----
+
+
+async def scenario_get(ctx: Context) -> None:
+    """get() of live sessions from 256 tasks: first get after a restart, then cached."""
+    s = ctx.sizes
+    n = s.live
+    ids = fake_ids(n, seed=3)
+    path = await ctx.fresh_db("get.db")
+    populate(path, ids, lambda _i: BASE)
+    clock = Clock(BASE + 1)
+    manager = make_manager(path, clock)
+    await manager.start()
+    missing = 0
+
+    async def cold(sid: str) -> None:
+        nonlocal missing
+        if await manager.get(sid) is None:
+            missing += 1
+
+    with ctx.profiled("get_cold"):
+        ss_cold = await fixed_work(s.tasks, ids, cold)
+
+    async def op(k: int, i: int) -> None:
+        await manager.get(ids[(i * s.tasks + k) % n])
+
+    with ctx.profiled("get_cached"):
+        ss = await throughput(s.tasks, s.duration, op)
+    await manager.aclose()
+
+    raw = raw_get_rate(path, ids, s.tasks, s.duration)
+    rd = rd_cold = None
+    if ctx.redis is not None:
+        keys = [ctx.redis.key(sid) for sid in ids]
+        await ctx.redis.set_many(keys)
+        client = ctx.redis.client
+
+        async def rget(key: str) -> None:
+            json.loads(await client.get(key))
+
+        rd_cold = await fixed_work(s.tasks, keys, rget)
+
+        async def rop(k: int, i: int) -> None:
+            json.loads(await client.get(keys[(i * s.tasks + k) % n]))
+
+        rd = await throughput(s.tasks, s.duration, rop)
+        await ctx.redis.delete(keys)
+    note = f"raw: SELECT ... IN ({s.tasks} ids) + json.loads; redis: GET + json.loads"
+    ctx.add(
+        Row(
+            "3a",
+            f"get, first after restart ({n:,} sessions), {s.tasks} tasks",
+            "ops/s",
+            ss_cold,
+            raw,
+            rd_cold,
+            note + (f"; {missing} sessions not found!" if missing else ""),
+        )
+    )
+    ctx.add(Row("3b", f"get, live sessions held, {s.tasks} tasks", "ops/s", ss, raw, rd, note))
+    ctx.target(Target("get: sessionstore / Redis GET", _ratio(ss, rd), ">=", 20, "x"))
+
+
+def raw_get_rate(path: Path, ids: Sequence[str], batch: int, duration: float) -> float:
+    """SELECT by id, ``batch`` ids an IN-list (the batched limit); gets/s."""
+    marks = ",".join("?" * batch)  # placeholders only: no value is formatted into SQL
+    sql = f"SELECT {COLUMNS} FROM sessions WHERE session_id IN ({marks})"  # noqa: S608
+    conn = raw_connect(path)
+    try:
+        n = 0
+        start = time.perf_counter()
+        deadline = start + duration
+        while time.perf_counter() < deadline:
+            chunk = [ids[(n + j) % len(ids)] for j in range(batch)]
+            for row in conn.execute(sql, chunk):
+                json.loads(row[3])
+            n += batch
+        return n / (time.perf_counter() - start)
+    finally:
+        conn.close()
+
+
+# ----- 4. cleanup -----
+
+
+async def scenario_cleanup(ctx: Context) -> None:
+    """Delete 1% expired of the big database: sessionstore, indexed and unindexed DELETE.
+
+    Then, on the same three copies, the next 0.1% (the size of the issue's own
+    figure), and the search alone (``SELECT count(*)`` with and without the index).
+    """
+    n = ctx.sizes.big
+    expired, more = n // 100, n // 1000
+    now, later = clock_for(n, 0.01), clock_for(n, 0.011)
+
+    path, _ids = await ctx.big_copy("cleanup-ss.db")
+    clock = Clock(now)
+    manager = make_manager(path, clock, background_tasks=False)
+    await manager.start()
+    with ctx.profiled("cleanup_1pct"):
+        started = time.perf_counter()
+        deleted = await manager.cleanup_stale_sessions()
+        ss = time.perf_counter() - started
+    clock.now = later
+    started = time.perf_counter()
+    deleted_more = await manager.cleanup_stale_sessions()
+    ss_more = time.perf_counter() - started
+    chunk = manager.settings.cleanup_chunk_rows
+    await manager.aclose()
+    path.unlink()
+
+    path, _ids = await ctx.big_copy("cleanup-raw.db")
+    find = raw_count_expired(path, now - TIMEOUT, indexed=True)
+    raw, raw_deleted = raw_delete_once(path, now - TIMEOUT)
+    raw_more, _ = raw_delete_once(path, later - TIMEOUT)
+    path.unlink()
+
+    path, _ids = await ctx.big_copy("cleanup-noindex.db")
+    find_scan = raw_count_expired(path, now - TIMEOUT, indexed=False)
+    conn = sqlite3.connect(path, isolation_level=None)
+    (name,) = conn.execute(
+        "SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'sessions' "
+        "AND sql LIKE '%last_activity%'"
+    ).fetchone()
+    conn.execute(f'DROP INDEX "{name}"')
+    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    conn.close()
+    unindexed, _ = raw_delete_once(path, now - TIMEOUT)
+    unindexed_more, _ = raw_delete_once(path, later - TIMEOUT)
+    path.unlink()
+
+    ctx.add(
+        Row(
+            "4a",
+            f"cleanup {expired:,} expired of {n:,}, indexed",
+            "ms",
+            ss * 1e3,
+            raw * 1e3,
+            None,
+            f"sessionstore: cleanup_stale_sessions() deleted {deleted:,} in chunks of "
+            f"{chunk:,}; raw: one DELETE ({raw_deleted:,} rows) + COMMIT; "
+            "redis: n/a (expires keys itself)",
+        )
+    )
+    ctx.add(
+        Row(
+            "4b",
+            "the same DELETE without the last_activity index",
+            "ms",
+            None,
+            unindexed * 1e3,
+            None,
+            f"raw indexed / unindexed = {raw / unindexed:.2f}: deleting dominates, not finding",
+        )
+    )
+    ctx.add(
+        Row(
+            "4c",
+            f"then the next {more:,} (0.1%), indexed",
+            "ms",
+            ss_more * 1e3,
+            raw_more * 1e3,
+            None,
+            f"sessionstore deleted {deleted_more:,}; unindexed: {unindexed_more * 1e3:.1f} ms "
+            f"(sessionstore / unindexed = {ss_more / unindexed_more:.2f}, "
+            f"raw indexed / unindexed = {raw_more / unindexed_more:.2f})",
+        )
+    )
+    ctx.add(
+        Row(
+            "4d",
+            f"finding the {expired:,} (SELECT count), index vs scan",
+            "ms",
+            None,
+            find * 1e3,
+            None,
+            f"NOT INDEXED: {find_scan * 1e3:.1f} ms (index / scan = {find / find_scan:.3f})",
+        )
+    )
+    ctx.target(
+        Target(
+            "cleanup of 1%: sessionstore (indexed) / unindexed DELETE",
+            ss / unindexed,
+            "<=",
+            0.25,
+            "x",
+            f"{ss * 1e3:.1f} ms vs {unindexed * 1e3:.1f} ms; the raw limit itself is "
+            f"{raw / unindexed:.2f}x",
+        )
+    )
+
+
+def raw_count_expired(path: Path, cutoff: float, *, indexed: bool) -> float:
+    """Seconds to count the expired rows, by the index or by a full scan."""
+    sql = (
+        "SELECT count(*) FROM sessions WHERE last_activity < ?"
+        if indexed
+        else "SELECT count(*) FROM sessions NOT INDEXED WHERE last_activity < ?"
+    )
+    conn = raw_connect(path)
+    try:
+        started = time.perf_counter()
+        conn.execute(sql, (cutoff,)).fetchone()
+        return time.perf_counter() - started
+    finally:
+        conn.close()
+
+
+def raw_delete_once(path: Path, cutoff: float) -> tuple[float, int]:
+    """One ``DELETE ... WHERE last_activity < ?`` and its COMMIT: (seconds, rows)."""
+    conn = raw_connect(path)
+    try:
+        started = time.perf_counter()
+        conn.execute("BEGIN IMMEDIATE")
+        rows = conn.execute("DELETE FROM sessions WHERE last_activity < ?", (cutoff,)).rowcount
+        conn.execute("COMMIT")
+        return time.perf_counter() - started, rows
+    finally:
+        conn.close()
+
+
+# ----- 5. restart -----
+
+
+async def scenario_restart(ctx: Context) -> None:
+    """Time from SessionManager(...) to start() done and a first get answered.
+
+    Every measurement opens a fresh copy of the database: a restart's background
+    cleanup starts deleting the expired half, which would change the next one.
+    """
+    s = ctx.sizes
+    small_ids = fake_ids(s.small, seed=5)
+    small = await ctx.fresh_db("restart-small.db")
+    populate(small, small_ids, lambda i: BASE + i)
+    big, big_ids = await ctx.big()
+    # Warm up the process once (imports, alembic script directory, compiled SQL).
+    warm = ctx.path("restart-warm.db")
+    shutil.copyfile(small, warm)
+    await restart_once(warm, Clock(clock_for(s.small, 0.5)), small_ids[-1])
+    warm.unlink()
+
+    results: dict[int, tuple[float, float]] = {}
+    for n, template, ids in ((s.small, small, small_ids), (s.big, big, big_ids)):
+        clock = Clock(clock_for(n, 0.5))
+        times: list[float] = []
+        closes: list[float] = []
+        recovery = ""
+        for rep in range(s.repeats):
+            path = ctx.path(f"restart-{n}-{rep}.db")
+            shutil.copyfile(template, path)
+            with ctx.profiled(f"restart_{n}") if rep == 0 else contextlib.nullcontext():
+                seconds, close_seconds, report = await restart_once(path, clock, ids[-1])
+            path.unlink()
+            times.append(seconds)
+            closes.append(close_seconds)
+            recovery = recovery or report
+        raw = statistics.median(
+            raw_restart(template, clock.now - TIMEOUT, ids[-1]) for _ in range(s.repeats)
+        )
+        rd = None
+        if ctx.redis is not None:
+            rd = statistics.median([await redis_restart(ctx) for _ in range(s.repeats)])
+        ss = statistics.median(times)
+        results[n] = (ss, raw)
+        ctx.add(
+            Row(
+                "5",
+                f"restart-to-ready, {n:,} stored, half expired",
+                "ms",
+                ss * 1e3,
+                raw * 1e3,
+                None if rd is None else rd * 1e3,
+                f"median of {s.repeats}: {', '.join(f'{t * 1e3:.1f}' for t in times)} ms; "
+                f"{recovery}; aclose() right after: {max(closes) * 1e3:.0f} ms max",
+            )
+        )
+    small.unlink()
+    ss_small, raw_small = results[s.small]
+    ss_big, raw_big = results[s.big]
+    ctx.extra["restart_note"] = (
+        "raw: connect + pragmas + first SELECT; redis: new client + first GET (the "
+        "server's own restart, which reloads its RDB/AOF, is not measured)"
+    )
+    print(f"{'':4}{ctx.extra['restart_note']}; raw big/small = {raw_big / raw_small:.2f}")
+    ctx.target(
+        Target(
+            f"restart-to-ready: {s.big:,} / {s.small:,} stored",
+            ss_big / ss_small,
+            "<=",
+            2,
+            "x",
+            f"{ss_big * 1e3:.1f} ms vs {ss_small * 1e3:.1f} ms",
+        )
+    )
+
+
+async def restart_once(path: Path, clock: Clock, live_id: str) -> tuple[float, float, str]:
+    """One restart: (seconds to ready, seconds to aclose after, recovery summary)."""
+    started = time.perf_counter()
+    manager = make_manager(path, clock)
+    await manager.start()
+    session = await manager.get(live_id)
+    ready = time.perf_counter() - started
+    if session is None:
+        raise RuntimeError(f"live session {live_id} not found after restart")
+    report = manager.recovery
+    summary = f"restored {report.restored:,}, expired {report.expired:,}" if report else ""
+    started = time.perf_counter()
+    await manager.aclose()
+    return ready, time.perf_counter() - started, summary
+
+
+def raw_restart(path: Path, cutoff: float, live_id: str) -> float:
+    """Connect with the same pragmas and answer a first live get; seconds."""
+    started = time.perf_counter()
+    conn = raw_connect(path)
+    row = conn.execute(
+        "SELECT session_id, created_at, last_activity, data, version FROM sessions "
+        "WHERE session_id = ? AND last_activity >= ?",
+        (live_id, cutoff),
+    ).fetchone()
+    json.loads(row[3])
+    seconds = time.perf_counter() - started
+    conn.close()
+    return seconds
+
+
+async def redis_restart(ctx: Context) -> float:
+    """A new client connecting and answering a first GET; seconds."""
+    assert ctx.redis is not None
+    key = ctx.redis.key("restart-probe")
+    await ctx.redis.client.set(key, DATA_TEXT, ex=60)
+    started = time.perf_counter()
+    client: Any = aioredis.Redis.from_url(ctx.redis.url)
+    json.loads(await client.get(key))
+    seconds = time.perf_counter() - started
+    await client.aclose()
+    await ctx.redis.client.delete(key)
+    return seconds
+
+
+# ----- 6. ensure latency during a big cleanup -----
+
+
+async def scenario_latency(ctx: Context) -> None:
+    """p99/max of ensure() from 16 tasks while cleanup deletes half the big database."""
+    s = ctx.sizes
+    n = s.big
+    half = n // 2
+    now = clock_for(n, 0.5)
+    path, _ids = await ctx.big_copy("latency-ss.db")
+    manager = make_manager(path, Clock(now), background_tasks=False)
+    await manager.start()
+    chunk = manager.settings.cleanup_chunk_rows
+
+    base_lat, _ = await ensure_latencies(manager, s.latency_tasks, until=s.duration / 2)
+    with ctx.profiled("latency_cleanup"):
+        cleanup = asyncio.create_task(manager.cleanup_stale_sessions())
+        started = time.perf_counter()
+        lat, ops = await ensure_latencies(manager, s.latency_tasks, until=cleanup)
+        deleted = await cleanup
+        cleanup_seconds = time.perf_counter() - started
+    await manager.aclose()
+    path.unlink()
+
+    path, _ids = await ctx.big_copy("latency-raw.db")
+    raw_lat, raw_seconds = raw_cleanup_latencies(path, now - TIMEOUT, chunk, s.latency_tasks)
+    path.unlink()
+
+    rd_lat: list[float] | None = None
+    rd_seconds = None
+    if ctx.redis is not None:
+        rd_lat, rd_seconds = await redis_cleanup_latencies(ctx, half, chunk, s.latency_tasks)
+
+    def ms(values: Sequence[float] | None, q: float) -> float | None:
+        return None if not values else percentile(values, q) * 1e3
+
+    ctx.add(
+        Row(
+            "6a",
+            f"ensure p99 while cleanup deletes {half:,} of {n:,}",
+            "ms",
+            ms(lat, 0.99),
+            ms(raw_lat, 0.99),
+            ms(rd_lat, 0.99),
+            f"{s.latency_tasks} tasks; sessionstore: {len(lat):,} ensures ({ops:,.0f}/s), "
+            f"p50 {ms(lat, 0.5):.2f} ms; without cleanup p99 {ms(base_lat, 0.99):.2f} ms, "
+            f"max {ms(base_lat, 1.0):.2f} ms",
+        )
+    )
+    ctx.add(
+        Row(
+            "6b",
+            "ensure max latency during that cleanup",
+            "ms",
+            ms(lat, 1.0),
+            ms(raw_lat, 1.0),
+            ms(rd_lat, 1.0),
+            f"raw: one writer alternating {chunk:,}-row DELETE chunks and "
+            f"{s.latency_tasks}-row INSERT transactions; redis: DEL {chunk:,} keys at a time "
+            f"vs SET EX",
+        )
+    )
+    ctx.add(
+        Row(
+            "6c",
+            f"that cleanup of {half:,} rows, total",
+            "s",
+            cleanup_seconds,
+            raw_seconds,
+            rd_seconds,
+            f"sessionstore deleted {deleted:,} (chunks of {chunk:,}) while serving ensure()",
+        )
+    )
+    ctx.target(
+        Target(
+            f"max ensure latency during the cleanup of {half:,}",
+            ms(lat, 1.0),
+            "<=",
+            100,
+            "ms",
+            f"p99 {ms(lat, 0.99):.1f} ms",
+        )
+    )
+
+
+async def ensure_latencies(
+    manager: SessionManager, tasks: int, *, until: float | asyncio.Task[Any]
+) -> tuple[list[float], float]:
+    """ensure() latencies from ``tasks`` tasks for ``until`` seconds or until a task ends."""
+    latencies: list[float] = []
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + until if isinstance(until, float) else None
+
+    def running() -> bool:
+        if deadline is not None:
+            return loop.time() < deadline
+        assert isinstance(until, asyncio.Task)
+        return not until.done()
+
+    async def worker() -> None:
+        while running():
+            started = time.perf_counter()
+            await manager.ensure(data=DATA)
+            latencies.append(time.perf_counter() - started)
+
+    started = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(tasks)))
+    return latencies, len(latencies) / (time.perf_counter() - started)
+
+
+def raw_cleanup_latencies(
+    path: Path, cutoff: float, chunk: int, batch: int
+) -> tuple[list[float], float]:
+    """One writer: a DELETE chunk, then ``batch`` INSERTs, until nothing is left.
+
+    Each INSERT's latency runs from the start of the chunk it waited behind to its
+    own COMMIT: ``batch`` callers that re-submit at once, as in group commit.
+    """
+    conn = raw_connect(path)
+    latencies: list[float] = []
+    started = time.perf_counter()
+    try:
+        while True:
+            t0 = time.perf_counter()
+            conn.execute("BEGIN IMMEDIATE")
+            deleted = conn.execute(CHUNK_DELETE_SQL, (cutoff, chunk)).rowcount
+            conn.execute("COMMIT")
+            now = time.time()
+            rows = [(new_id(), now, now, DATA_TEXT) for _ in range(batch)]
+            conn.execute("BEGIN IMMEDIATE")
+            conn.executemany(INSERT_SQL, rows)
+            conn.execute("COMMIT")
+            latencies.extend([time.perf_counter() - t0] * batch)
+            if deleted < chunk:
+                break
+        return latencies, time.perf_counter() - started
+    finally:
+        conn.close()
+
+
+async def redis_cleanup_latencies(
+    ctx: Context, n: int, chunk: int, tasks: int
+) -> tuple[list[float], float]:
+    """SET EX latencies from ``tasks`` tasks while ``n`` keys are DELeted in chunks."""
+    assert ctx.redis is not None
+    client = ctx.redis.client
+    old = [ctx.redis.key(f"old-{i}") for i in range(n)]
+    await ctx.redis.set_many(old, ttl=None)
+    new: list[str] = []
+    latencies: list[float] = []
+    done = asyncio.Event()
+
+    async def cleaner() -> float:
+        started = time.perf_counter()
+        for start in range(0, len(old), chunk):
+            await client.delete(*old[start : start + chunk])
+        done.set()
+        return time.perf_counter() - started
+
+    async def worker() -> None:
+        while not done.is_set():
+            key = ctx.redis.key(new_id())  # type: ignore[union-attr]
+            new.append(key)
+            started = time.perf_counter()
+            await client.set(key, DATA_TEXT, ex=int(TIMEOUT))
+            latencies.append(time.perf_counter() - started)
+
+    cleaning = asyncio.create_task(cleaner())
+    await asyncio.gather(*(worker() for _ in range(tasks)))
+    await ctx.redis.delete(new)
+    return latencies, await cleaning
+
+
+# ----- 7. memory -----
+
+
+async def scenario_memory(ctx: Context) -> None:
+    """Bytes per live session held by the manager (tracemalloc) vs Redis used_memory."""
+    s = ctx.sizes
+    n = s.memory
+    path = await ctx.fresh_db("memory.db")
+    # No refresh/cleanup tasks: their rows in flight would count as held memory.
+    manager = make_manager(path, Clock(BASE), background_tasks=False)
+    await manager.start()
+    warm = [None] * 2048
+
+    async def create(_item: Any) -> None:
+        await manager.ensure(data=DATA)
+
+    await fixed_work(s.tasks, warm, create)  # warm every cache before measuring
+    gc.collect()
+    tracemalloc.start(25)
+    await fixed_work(s.tasks, [None] * n, create)
+    await asyncio.sleep(0.05)  # let finished tasks and callbacks go
+    gc.collect()
+    held, _peak = tracemalloc.get_traced_memory()
+    snapshot = tracemalloc.take_snapshot()
+    tracemalloc.stop()
+    await manager.aclose()
+    ss = held / n
+    package = f"*{os.sep}sessionstore{os.sep}*"
+    ours = snapshot.filter_traces([tracemalloc.Filter(True, package, all_frames=True)])
+    attributed = sum(stat.size for stat in ours.statistics("filename")) / n
+    disk = path.stat().st_size / (n + len(warm))
+    if ctx.profile_dir is not None:
+        print("   --- tracemalloc: top allocation sites still held (first frame) ---")
+        for stat in snapshot.statistics("lineno")[:10]:
+            print(f"   {stat.size / n:8.1f} B/session  {stat.count:>8}  {stat.traceback[0]}")
+
+    rd = None
+    if ctx.redis is not None:
+        check = sqlite3.connect(path)
+        made = [r[0] for r in check.execute("SELECT session_id FROM sessions LIMIT ?", (n,))]
+        check.close()
+        rd = await redis_memory(ctx, made)
+    ctx.add(
+        Row(
+            "7",
+            f"memory per live session ({n:,}, 200-byte data)",
+            "B",
+            ss,
+            0.0,
+            rd,
+            f"sessionstore: Python heap held after gc (tracemalloc; {attributed:,.0f} B of it "
+            "allocated under sessionstore frames); raw holds nothing in memory "
+            f"(on disk: {disk:,.0f} B/session incl. indexes); redis: used_memory delta, "
+            "SET EX",
+        )
+    )
+    ctx.target(
+        Target(
+            "memory per live session: sessionstore / Redis",
+            _ratio(ss, rd),
+            "<=",
+            1,
+            "x",
+            f"{ss:,.0f} B vs {'-' if rd is None else f'{rd:,.0f}'} B",
+        )
+    )
+
+
+async def redis_memory(ctx: Context, session_ids: Sequence[str]) -> float:
+    """Redis ``used_memory`` growth per session: SET EX of these ids (prefixed).
+
+    The pool's connections are closed first (their buffers shrinking would count as
+    negative memory) and ``used_memory`` is read once it has settled.
+    """
+    assert ctx.redis is not None
+    await ctx.redis.client.connection_pool.disconnect()
+
+    async def settled() -> int:
+        last = await ctx.redis.used_memory()  # type: ignore[union-attr]
+        for _ in range(20):
+            await asyncio.sleep(0.05)
+            now = await ctx.redis.used_memory()  # type: ignore[union-attr]
+            if now == last:
+                break
+            last = now
+        return last
+
+    keys = [ctx.redis.key(sid) for sid in session_ids]
+    before = await settled()
+    await ctx.redis.set_many(keys)
+    after = await settled()
+    await ctx.redis.delete(keys)
+    return (after - before) / len(keys)
+
+
+# ----- main -----
+
+RUNNERS: dict[str, Callable[[Context], Awaitable[None]]] = {
+    "create": scenario_create,
+    "touch": scenario_touch,
+    "get": scenario_get,
+    "cleanup": scenario_cleanup,
+    "restart": scenario_restart,
+    "latency": scenario_latency,
+    "memory": scenario_memory,
+}
+
+
+async def connect_redis(ctx: Context) -> None:
+    """Use Redis if a server answers on REDIS_URL; otherwise note why not."""
+    url = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
+    if aioredis is None:
+        ctx.redis_note = "redis-py is not installed (pip install -e '.[bench]')"
+        return
+    client = aioredis.Redis.from_url(url, max_connections=1024, socket_connect_timeout=1.0)
+    try:
+        async with asyncio.timeout(2.0):
+            await client.ping()
+            server = await client.info("server")
+            config = await client.config_get("appendonly")
+            fsync = await client.config_get("appendfsync")
+    except Exception as exc:
+        await client.aclose()
+        ctx.redis_note = f"no Redis server answers on {url}: {type(exc).__name__}: {exc}"
+        return
+    ctx.redis = RedisSide(client, url)
+    ctx.redis.info = {
+        "version": server.get("redis_version"),
+        "appendonly": config.get("appendonly"),
+        "appendfsync": fsync.get("appendfsync"),
+    }
+    # Open the connections the 256-task scenarios use before any timing.
+    await asyncio.gather(*(client.ping() for _ in range(ctx.sizes.tasks)))
+    ctx.redis_note = (
+        f"Redis {ctx.redis.info['version']} on {url} via redis-py {_redis_version()} "
+        f"asyncio, keys under {ctx.redis.prefix!r} (deleted after); appendonly="
+        f"{ctx.redis.info['appendonly']}, so its writes are not durable on return"
+    )
+
+
+def _redis_version() -> str:
+    import redis
+
+    return str(redis.__version__)
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The command line."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small sizes (CI smoke test)")
+    parser.add_argument("--json", type=Path, help="also write every figure to this file")
+    parser.add_argument(
+        "--scenario",
+        nargs="+",
+        choices=SCENARIOS,
+        metavar="NAME",
+        help=f"run only these ({', '.join(SCENARIOS)})",
+    )
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        metavar="DIR",
+        help="cProfile the sessionstore measurements; .prof files go to DIR",
+    )
+    parser.add_argument(
+        "--set",
+        type=parse_setting,
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a SessionManager setting for every manager (e.g. cleanup_chunk_rows=500)",
+    )
+    return parser.parse_args(argv)
+
+
+async def run(args: argparse.Namespace) -> int:
+    """Run the chosen scenarios; 0 unless one crashed."""
+    started = time.perf_counter()
+    root = Path(tempfile.mkdtemp(prefix="sessionstore-bench-"))
+    OVERRIDES.update(args.set)
+    ctx = Context(args, root)
+    failed: list[str] = []
+    try:
+        await connect_redis(ctx)
+        print(
+            f"sessionstore {sessionstore.__version__}, Python {platform.python_version()}, "
+            f"SQLite {sqlite3.sqlite_version}, {os.cpu_count()} CPUs; "
+            f"{'quick' if ctx.quick else 'full'} run; databases in {root}"
+            + (f"; settings {OVERRIDES}" if OVERRIDES else "")
+        )
+        print(f"Redis: {ctx.redis_note}" if ctx.redis else f"Redis: skipped - {ctx.redis_note}")
+        print(HEADER)
+        for name in args.scenario or SCENARIOS:
+            try:
+                await RUNNERS[name](ctx)
+            except Exception:
+                failed.append(name)
+                print(f"!!! scenario {name} failed:", file=sys.stderr)
+                traceback.print_exc()
+        wall = time.perf_counter() - started
+        print_summary(ctx, wall)
+        if failed:
+            print(f"FAILED scenarios: {', '.join(failed)}")
+        if args.json is not None:
+            write_json(args.json, ctx, wall, failed)
+    finally:
+        if ctx.redis is not None:
+            with contextlib.suppress(Exception):
+                await ctx.redis.delete_all_ours()
+            await ctx.redis.client.aclose()
+        shutil.rmtree(root, ignore_errors=True)
+    return 1 if failed else 0
+
+
+def write_json(path: Path, ctx: Context, wall: float, failed: list[str]) -> None:
+    """Every row and target, with the environment."""
+    doc = {
+        "meta": {
+            "sessionstore": sessionstore.__version__,
+            "python": platform.python_version(),
+            "sqlite": sqlite3.sqlite_version,
+            "cpus": os.cpu_count(),
+            "quick": ctx.quick,
+            "sizes": asdict(ctx.sizes),
+            "redis": ctx.redis.info if ctx.redis else None,
+            "redis_note": ctx.redis_note,
+            "settings": OVERRIDES,
+            "wall_seconds": wall,
+            "failed": failed,
+        },
+        "rows": [{**asdict(r), "ss_raw": r.ss_raw, "ss_redis": r.ss_redis} for r in ctx.rows],
+        "targets": [{**asdict(t), "status": t.status} for t in ctx.targets],
+        "extra": ctx.extra,
+    }
+    path.write_text(json.dumps(doc, indent=2) + "\n")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    return asyncio.run(run(parse_args(argv)))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
