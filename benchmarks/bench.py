@@ -1008,8 +1008,8 @@ async def restart_once(path: Path, clock: Clock, live_id: str) -> tuple[float, f
     ready = time.perf_counter() - started
     if session is None:
         raise RuntimeError(f"live session {live_id} not found after restart")
-    report = manager.recovery
-    summary = f"restored {report.restored:,}, expired {report.expired:,}" if report else ""
+    report = await manager.recovered()  # counted in the background, after ready
+    summary = f"restored {report.restored:,}, expired {report.expired:,}"
     started = time.perf_counter()
     await manager.aclose()
     return ready, time.perf_counter() - started, summary

@@ -140,7 +140,7 @@ async def cmd_cleanup(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     async with _manager(args) as manager:
-        expired = manager.recovery.expired if manager.recovery else 0
+        expired = (await manager.recovered()).expired
         with tqdm(
             total=expired,
             unit="rows",

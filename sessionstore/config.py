@@ -55,7 +55,7 @@ class Settings:
     max_data_bytes: int = 65536
     synchronous: str = "FULL"
     busy_timeout_ms: int = 5000
-    cleanup_chunk_rows: int = 2000
+    cleanup_chunk_rows: int = 500
     tombstone_retention_secs: float = 7 * 86400.0
     refresh_interval_secs: float = 5.0
     startup_check_max_bytes: int = 64 * 1024 * 1024

@@ -8,9 +8,9 @@ from typing import Any
 __all__ = ["Session"]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Session:
-    """A snapshot of one session.
+    """A snapshot of one session: changing it changes nothing stored.
 
     Attributes:
         session_id: Public identifier (safe to log).

@@ -490,7 +490,7 @@ class SessionStore:
             for sid in stale:
                 del existing[sid]
         room = (limit - await cls.count_live(conn, cutoff)) if limit else len(new)
-        to_insert: list[dict[str, Any]] = []
+        to_insert: list[SessionRow] = []
         made: dict[str, SessionRow] = {}
         for i, n in enumerate(new):
             row = existing.get(n.session_id) or made.get(n.session_id)
@@ -503,24 +503,18 @@ class SessionStore:
             room -= 1
             row = SessionRow(n.session_id, n.now, n.now, n.data, 1)
             made[n.session_id] = row
-            to_insert.append(row._asdict())
+            to_insert.append(row)
             results[i] = CreateResult(row, True)
         if to_insert:
-            await conn.execute(insert(sessions), to_insert)
+            await _executemany(conn, "insert", to_insert)
         return [r for r in results if r is not None]
 
     @staticmethod
     async def touch_many(conn: AsyncConnection, touches: Iterable[tuple[str, float]]) -> None:
         """Set ``last_activity`` for many sessions in one executemany."""
-        params = [{"sid": sid, "ts": ts} for sid, ts in touches]
-        if not params:
-            return
-        stmt = (
-            update(sessions)
-            .where(sessions.c.session_id == bindparam("sid"))
-            .values(last_activity=bindparam("ts"))
-        )
-        await conn.execute(stmt, params)
+        params = [(ts, sid) for sid, ts in touches]
+        if params:
+            await _executemany(conn, "touch", params)
 
     @staticmethod
     async def _bury(
@@ -637,6 +631,31 @@ class SessionStore:
             .values(token_hash=token_hash)
         )
         return True
+
+
+# The two statements run with many rows at a time (creates, activity flushes) are
+# compiled from the Core table once per dialect and executed with plain tuples:
+# SQLAlchemy's per-row parameter processing would otherwise cost more than SQLite.
+_BULK: dict[str, Any] = {
+    "insert": insert(sessions).values({c.name: bindparam(c.name) for c in _COLUMNS}),
+    "touch": update(sessions)
+    .where(sessions.c.session_id == bindparam("sid"))
+    .values(last_activity=bindparam("ts")),
+}
+#: The order of each statement's parameters in the tuples passed to it.
+_BULK_ORDER = {"insert": tuple(c.name for c in _COLUMNS), "touch": ("ts", "sid")}
+_compiled: dict[tuple[str, str], str] = {}
+
+
+async def _executemany(conn: AsyncConnection, name: str, rows: Sequence[Sequence[Any]]) -> None:
+    key = (conn.dialect.name, name)
+    sql = _compiled.get(key)
+    if sql is None:
+        compiled = _BULK[name].compile(dialect=conn.dialect)
+        if tuple(compiled.positiontup or ()) != _BULK_ORDER[name]:
+            raise RuntimeError(f"unexpected parameter order for {name}: {compiled.positiontup}")
+        sql = _compiled[key] = str(compiled)
+    await conn.exec_driver_sql(sql, list(rows))
 
 
 def dumps(data: Any) -> str:

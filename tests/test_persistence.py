@@ -38,8 +38,8 @@ async def test_reopen_after_clean_close_restores_everything(
         assert got.last_activity == clock.now
         assert got.data == {"cart": [1, 2], "step": 3}
         assert got.version == 2
-        assert m.recovery is not None
-        assert (m.recovery.restored, m.recovery.expired) == (1, 0)
+        report = await m.recovered()
+        assert (report.restored, report.expired) == (1, 0)
 
 
 async def test_restart_drops_sessions_idle_past_timeout(
@@ -55,8 +55,8 @@ async def test_restart_drops_sessions_idle_past_timeout(
         assert await m.get("stale") is None
         assert await m.get("live") is not None
         assert await m.list_ids() == ["live"]
-        assert m.recovery is not None
-        assert (m.recovery.restored, m.recovery.expired) == (1, 1)
+        report = await m.recovered()
+        assert (report.restored, report.expired) == (1, 1)
         lines = [r.getMessage() for r in caplog.records if "restored" in r.getMessage()]
         assert len(lines) == 1
         assert "1 live sessions restored, 1 expired while down" in lines[0]
@@ -73,8 +73,7 @@ async def test_startup_deletes_expired_rows_in_background(
             await m.ensure()
     clock.advance(61)
     async with make_manager(session_timeout_secs=60, cleanup_chunk_rows=4) as m:
-        assert m.recovery is not None
-        assert m.recovery.expired == 30
+        assert (await m.recovered()).expired == 30
         # Nothing expired is visible, whether or not its row is gone yet.
         assert await m.list_ids() == []
 

@@ -898,7 +898,7 @@ async def run_daemon(args: argparse.Namespace, settings: Settings) -> int:
                 signals.append(sig)
             except (NotImplementedError, RuntimeError):  # not the main thread, or Windows
                 pass
-        recovery = manager.recovery
+        recovery = await manager.recovered()
         host = f"[{server.host}]" if ":" in server.host else server.host
         log.info(
             "sessionstore %s serving ws://%s:%d database=%s sessions_restored=%d "
@@ -907,8 +907,8 @@ async def run_daemon(args: argparse.Namespace, settings: Settings) -> int:
             host,
             server.port,
             manager.database,
-            recovery.restored if recovery else 0,
-            recovery.expired if recovery else 0,
+            recovery.restored,
+            recovery.expired,
         )
         await stop.wait()
         started = time.monotonic()
