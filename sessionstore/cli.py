@@ -183,6 +183,17 @@ async def cmd_backup(args: argparse.Namespace) -> int:
     return 0
 
 
+async def cmd_check(args: argparse.Namespace) -> int:
+    """Read every page of the database (``PRAGMA quick_check``), whatever its size."""
+    settings = _settings(args)
+    _require_existing(settings)
+    store = SessionStore(settings.database)
+    await store.open(upgrade=False, check_max_bytes=None)  # raises on damage
+    await store.close()
+    print(f"{store.label}: ok")
+    return 0
+
+
 async def cmd_serve(args: argparse.Namespace) -> int:
     """Run the WebSocket daemon until SIGTERM or SIGINT."""
     from .daemon.server import run_daemon
@@ -236,6 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("cleanup", cmd_cleanup, "delete every expired session and print how many")
     p = add("stats", cmd_stats, "print session metrics")
     p.add_argument("--json", action="store_true", help="print JSON")
+    add("check", cmd_check, "check every page of the database for damage (SQLite)")
     p = add("backup", cmd_backup, "write a consistent copy of the database (SQLite)")
     p.add_argument("dest", help="path of the copy; must not exist")
     p = add("serve", cmd_serve, "run the WebSocket daemon")

@@ -183,8 +183,6 @@ class SessionManager:
         self._recovery_done = asyncio.Event()
         self.counters = {"created": 0, "removed": 0, "expired": 0, "cleanup_runs": 0}
         self.last_cleanup_seconds = 0.0
-        #: Set when the background integrity check of a large file found damage.
-        self.integrity_error: StorageError | None = None
 
     @classmethod
     def from_env(cls, **overrides: Any) -> SessionManager:
@@ -279,11 +277,6 @@ class SessionManager:
             if self.settings.refresh_interval_secs:
                 self._tasks.append(
                     asyncio.create_task(self._refresh_loop(), name="sessionstore-refresh")
-                )
-            path = self._store.path
-            if check_limit and path is not None and path.stat().st_size > check_limit:
-                self._tasks.append(
-                    asyncio.create_task(self._background_check(), name="sessionstore-check")
                 )
 
     async def recovered(self) -> RecoveryReport:
@@ -768,14 +761,6 @@ class SessionManager:
         if len(deleted) < self.settings.cleanup_chunk_rows:
             await SessionStore.purge_tombstones(conn, now - self.settings.tombstone_retention_secs)
         return [deleted]
-
-    async def _background_check(self) -> None:
-        # A large file is checked after start-up, so that start-up stays fast.
-        try:
-            await self._store.quick_check()
-        except StorageError as exc:
-            self.integrity_error = exc
-            log.critical("%s", exc)
 
     async def _refresh_loop(self) -> None:
         while True:

@@ -61,3 +61,20 @@ async def wait_until(condition: Callable[[], Awaitable[bool]], timeout: float = 
     async with asyncio.timeout(timeout):
         while not await condition():
             await asyncio.sleep(0.01)
+
+
+def scribble_pages(path: Path) -> None:
+    """Damage a checkpointed SQLite file: overwrite the header of every other page."""
+    import contextlib
+    import sqlite3
+
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        page_size = conn.execute("PRAGMA page_size").fetchone()[0]
+        pages = conn.execute("PRAGMA page_count").fetchone()[0]
+    assert pages > 10, "too small to damage in the middle"
+    raw = bytearray(path.read_bytes())
+    for page in range(3, pages, 2):
+        start = (page - 1) * page_size
+        raw[start : start + 64] = b"\xa5" * 64
+    path.write_bytes(bytes(raw))

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from sessionstore import SessionManager, migrate
-from tests.helpers import run_cli
+from tests.helpers import run_cli, scribble_pages
 
 
 @pytest.fixture
@@ -130,3 +130,15 @@ def test_python_dash_m_and_help() -> None:
     assert result.returncode == 0
     for command in ("migrate", "ls", "show", "rm", "cleanup", "stats", "serve"):
         assert command in result.stdout
+
+
+async def test_check_reads_every_page(db_path: Path) -> None:
+    async with SessionManager(str(db_path), max_concurrent_sessions=0) as m:
+        for _ in range(300):
+            await m.ensure(data={"pad": "x" * 300})
+    result = run_cli("check", "-d", str(db_path))
+    assert (result.returncode, result.stdout.strip()) == (0, f"{db_path}: ok")
+    scribble_pages(db_path)
+    line = _one_line_error(run_cli("check", "-d", str(db_path)))
+    assert str(db_path) in line
+    assert "corrupt" in line

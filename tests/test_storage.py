@@ -15,6 +15,7 @@ from sessionstore import (
     StorageError,
 )
 from tests.conftest import ManagerFactory
+from tests.helpers import scribble_pages
 
 
 def _sha(path: Path) -> str:
@@ -50,17 +51,7 @@ async def test_corrupted_page_is_refused_untouched(
     async with make_manager(max_concurrent_sessions=0) as m:
         for _ in range(300):
             await m.ensure(data={"pad": "x" * 300})
-    with sqlite3.connect(db_path) as conn:
-        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-        page_size = conn.execute("PRAGMA page_size").fetchone()[0]
-        pages = conn.execute("PRAGMA page_count").fetchone()[0]
-    conn.close()
-    assert pages > 10
-    raw = bytearray(db_path.read_bytes())
-    for page in range(3, pages, 2):  # scribble over every other page's header
-        start = (page - 1) * page_size
-        raw[start : start + 64] = b"\xa5" * 64
-    db_path.write_bytes(bytes(raw))
+    scribble_pages(db_path)
     before = _sha(db_path)
     with pytest.raises(DatabaseCorruptError, match="corrupt") as info:
         await SessionManager(str(db_path)).start()

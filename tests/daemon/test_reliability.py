@@ -42,7 +42,7 @@ from sessionstore.store import dumps
 from tests.daemon.conftest import Clients, SpawnDaemon
 from tests.daemon.process import clean_env
 from tests.daemon.wsclient import receive, request, send
-from tests.helpers import REPO, ManualClock
+from tests.helpers import REPO, ManualClock, scribble_pages
 
 
 def _rows(db: Path) -> dict[str, tuple[dict[str, Any], int]]:
@@ -338,15 +338,7 @@ async def _ours(path: Path, sessions: int = 1) -> None:
 
 def _corrupt(path: Path) -> str:
     asyncio.run(_ours(path, 300))
-    with contextlib.closing(sqlite3.connect(path)) as conn:
-        page_size = conn.execute("PRAGMA page_size").fetchone()[0]
-        pages = conn.execute("PRAGMA page_count").fetchone()[0]
-    assert pages > 10
-    raw = bytearray(path.read_bytes())
-    for page in range(3, pages, 2):  # scribble over every other page's header
-        start = (page - 1) * page_size
-        raw[start : start + 64] = b"\xa5" * 64
-    path.write_bytes(bytes(raw))
+    scribble_pages(path)
     return "corrupt"
 
 
