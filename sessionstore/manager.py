@@ -30,6 +30,7 @@ from typing import Any, Literal
 
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from .batching import BatchLoader
 from .config import DEFAULT_DATABASE, Settings
 from .errors import (
     DataTooLargeError,
@@ -173,6 +174,11 @@ class SessionManager:
             pool_size=self.settings.pool_size,
         )
         self._cache: dict[str, _Entry] = {}
+        # Cache misses and resumes made at the same time share one query.
+        self._row_loader: BatchLoader[str, SessionRow] = BatchLoader(self._fetch_rows)
+        self._token_loader: BatchLoader[str, tuple[SessionRow | None, str | None]] = BatchLoader(
+            self._store.resume_lookup
+        )
         self._listeners: list[RemovalListener] = []
         self._writer: GroupCommitWriter | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -321,6 +327,8 @@ class SessionManager:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+            await self._row_loader.aclose()
+            await self._token_loader.aclose()
             try:
                 if self._writer is not None:
                     await self._writer.aclose()
@@ -569,12 +577,11 @@ class SessionManager:
         Reasons: ``expired`` (idle past the timeout, deleted or not yet), ``revoked``
         (removed, logged out, or a token that has since been rotated), ``unknown``
         (anything else). Every token costs the same two indexed lookups by its hash,
-        whatever its shape, so the reason does not leak through timing.
+        whatever its shape, so the reason does not leak through timing; concurrent
+        resumes (a restart's reconnect storm) share those lookups.
         """
         self._running_writer()
-        digest = hash_token(token)
-        row = await self._store.fetch_by_token(digest)
-        grave = await self._store.tombstone_reason(digest)
+        row, grave = await self._token_loader.load(hash_token(token)) or (None, None)
         if row is None:
             reason: ResumeReason = "expired" if grave == "expired" else "revoked"
             return ResumeResult(None, reason if grave else "unknown")
@@ -640,7 +647,7 @@ class SessionManager:
         if entry is None:
             if not _valid_id(session_id):
                 return None
-            row = await self._store.fetch(session_id)
+            row = await self._row_loader.load(session_id)
             if row is None:
                 return None
             entry = self._cache.get(session_id) or self._remember(row)
@@ -648,6 +655,9 @@ class SessionManager:
             self._cache.pop(session_id, None)
             return None
         return entry
+
+    async def _fetch_rows(self, session_ids: list[str]) -> dict[str, SessionRow]:
+        return {row.session_id: row for row in await self._store.fetch_many(session_ids)}
 
     def _remember(self, row: SessionRow) -> _Entry:
         """Cache the row; activity this manager saw later than the row's is kept."""

@@ -387,12 +387,27 @@ class SessionStore:
             row = (await conn.execute(stmt)).first()
         return SessionRow(*row) if row is not None else None
 
-    async def fetch_by_token(self, token_hash: str) -> SessionRow | None:
-        """The row whose resume-token hash is ``token_hash``, or ``None``."""
-        stmt = select(*_COLUMNS).where(sessions.c.token_hash == token_hash)
+    async def resume_lookup(
+        self, token_hashes: Sequence[str]
+    ) -> dict[str, tuple[SessionRow | None, str | None]]:
+        """For token hashes: the session holding each, and the reason it was deleted.
+
+        Two indexed ``IN`` queries whatever the hashes are; hashes found nowhere are
+        left out of the result.
+        """
+        found: dict[str, tuple[SessionRow | None, str | None]] = {}
+        rows = select(sessions.c.token_hash, *_COLUMNS).where(
+            sessions.c.token_hash.in_(token_hashes)
+        )
+        graves = select(tombstones.c.token_hash, tombstones.c.reason).where(
+            tombstones.c.token_hash.in_(token_hashes)
+        )
         async with self.guard(), self.reader.connect() as conn:
-            row = (await conn.execute(stmt)).first()
-        return SessionRow(*row) if row is not None else None
+            for digest, *row in await conn.execute(rows):
+                found[digest] = (SessionRow(*row), None)
+            for digest, reason in await conn.execute(graves):
+                found[digest] = (found.get(digest, (None, None))[0], reason)
+        return found
 
     async def live_rows(self, cutoff: float, limit: int | None = None) -> list[SessionRow]:
         """Live rows (``last_activity >= cutoff``), most recently active first."""
@@ -572,12 +587,6 @@ class SessionStore:
         """Forget tombstones older than ``before``."""
         result = await conn.execute(delete(tombstones).where(tombstones.c.removed_at < before))
         return int(result.rowcount or 0)
-
-    async def tombstone_reason(self, token_hash: str) -> str | None:
-        """Why the session that held this token hash was deleted, if it was."""
-        stmt = select(tombstones.c.reason).where(tombstones.c.token_hash == token_hash)
-        async with self.guard(), self.reader.connect() as conn:
-            return (await conn.execute(stmt)).scalar_one_or_none()
 
     @staticmethod
     async def clamp_future(conn: AsyncConnection, now: float) -> list[str]:
