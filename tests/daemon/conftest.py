@@ -107,12 +107,22 @@ async def clients() -> AsyncIterator[Clients]:
 
 @pytest.fixture
 def spawn(tmp_path: Path) -> Iterator[SpawnDaemon]:
-    """Build subprocess daemons on ``tmp_path/sessions.db``; killed at teardown."""
+    """Build subprocess daemons on ``tmp_path/sessions.db`` (or ``database=``: another
+    file; or ``database_url=``: a database URL); killed at teardown."""
     made: list[Daemon] = []
 
-    def factory(*args: str, env: dict[str, str] | None = None, **kwargs: Any) -> Daemon:
+    def factory(
+        *args: str,
+        env: dict[str, str] | None = None,
+        database: Path | None = None,
+        **kwargs: Any,
+    ) -> Daemon:
         daemon = Daemon(
-            tmp_path / "sessions.db", tmp_path / f"daemon{len(made)}.log", *args, env=env, **kwargs
+            database or tmp_path / "sessions.db",
+            tmp_path / f"daemon{len(made)}.log",
+            *args,
+            env=env,
+            **kwargs,
         )
         made.append(daemon)
         return daemon

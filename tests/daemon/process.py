@@ -24,7 +24,11 @@ def clean_env(**overrides: str) -> dict[str, str]:
 
 
 class Daemon:
-    """One ``python -m sessionstore serve --port 0`` process (restartable)."""
+    """One ``python -m sessionstore serve --port 0`` process (restartable).
+
+    It serves the SQLite file ``database``, or with ``database_url`` (such as
+    ``postgresql+asyncpg://...``) that URL, passed to ``--database`` as is.
+    """
 
     def __init__(
         self,
@@ -33,8 +37,10 @@ class Daemon:
         *args: str,
         env: dict[str, str] | None = None,
         log_level: str = "INFO",
+        database_url: str | None = None,
     ) -> None:
         self.database = database
+        self.database_url = database_url
         self.log_path = log_path
         self.args = args
         self.env = clean_env(**(env or {}))
@@ -63,7 +69,7 @@ class Daemon:
                     "--port",
                     "0",
                     "--database",
-                    str(self.database),
+                    self.database_url or str(self.database),
                     *self.args,
                 ],
                 stdout=log,
