@@ -176,21 +176,24 @@ async def cmd_backup(args: argparse.Namespace) -> int:
         await store.backup(Path(args.dest))
     finally:
         await store.close()
-    copy = SessionStore(args.dest)
-    await copy.open(upgrade=False, check_max_bytes=None)  # refuses a damaged copy
-    await copy.close()
+    await _check_every_page(args.dest)
     print(f"backed up {store.label} to {args.dest} (integrity ok)")
     return 0
+
+
+async def _check_every_page(database: str) -> str:
+    """Open without migrating, reading every page; raises on damage. The label."""
+    store = SessionStore(database)
+    await store.open(upgrade=False, check_max_bytes=None)
+    await store.close()
+    return store.label
 
 
 async def cmd_check(args: argparse.Namespace) -> int:
     """Read every page of the database (``PRAGMA quick_check``), whatever its size."""
     settings = _settings(args)
     _require_existing(settings)
-    store = SessionStore(settings.database)
-    await store.open(upgrade=False, check_max_bytes=None)  # raises on damage
-    await store.close()
-    print(f"{store.label}: ok")
+    print(f"{await _check_every_page(settings.database)}: ok")
     return 0
 
 

@@ -26,12 +26,11 @@ class ManualClock:
         self.now += seconds
 
 
-def run_python(
-    code: str, *args: str, env: dict[str, str] | None = None, timeout: float = 60
+def _run(
+    argv: list[str], env: dict[str, str] | None, timeout: float
 ) -> subprocess.CompletedProcess[str]:
-    """Run a Python snippet in a fresh interpreter (a real second process)."""
     return subprocess.run(
-        [sys.executable, "-c", code, *args],
+        argv,
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -39,21 +38,27 @@ def run_python(
         cwd=REPO,
         check=False,
     )
+
+
+def run_python(
+    code: str, *args: str, env: dict[str, str] | None = None, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    """Run a Python snippet in a fresh interpreter (a real second process)."""
+    return _run([sys.executable, "-c", code, *args], env, timeout)
 
 
 def run_cli(
     *args: str, env: dict[str, str] | None = None, timeout: float = 60
 ) -> subprocess.CompletedProcess[str]:
     """Run ``python -m sessionstore ARGS`` in a real subprocess."""
-    return subprocess.run(
-        [sys.executable, "-m", "sessionstore", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env={**os.environ, **(env or {})},
-        cwd=REPO,
-        check=False,
-    )
+    return _run([sys.executable, "-m", "sessionstore", *args], env, timeout)
+
+
+def run_alembic(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    """Run ``python -m alembic ARGS`` from the repository root (where alembic.ini is)."""
+    return _run([sys.executable, "-m", "alembic", *args], env, timeout)
 
 
 async def wait_until(condition: Callable[[], Awaitable[bool]], timeout: float = 5.0) -> None:

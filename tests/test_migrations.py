@@ -15,7 +15,7 @@ from sqlalchemy import Connection
 
 from sessionstore import SessionManager, UnknownRevisionError, migrate
 from sessionstore.store import SessionStore
-from tests.helpers import REPO, run_cli, run_python
+from tests.helpers import REPO, run_alembic, run_cli, run_python
 
 
 def _tables(path: Path) -> set[str]:
@@ -103,26 +103,11 @@ async def test_unknown_revision_is_refused_and_untouched(db_path: Path) -> None:
 
 def test_alembic_upgrade_head_from_repo_root(tmp_path: Path) -> None:
     target = tmp_path / "cli.db"
-    result = subprocess.run(
-        [sys.executable, "-m", "alembic", "-x", f"database={target}", "upgrade", "head"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    result = run_alembic("-x", f"database={target}", "upgrade", "head")
     assert result.returncode == 0, result.stderr
     assert _revision(target) == migrate.head_revision()
     assert (target.stat().st_mode & 0o777) == 0o600
-    result = subprocess.run(
-        [sys.executable, "-m", "alembic", "current"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-        env={**__import__("os").environ, "SESSIONSTORE_DATABASE": str(target)},
-    )
+    result = run_alembic("current", env={"SESSIONSTORE_DATABASE": str(target)})
     assert result.returncode == 0, result.stderr
     assert migrate.head_revision() in result.stdout
 
@@ -227,27 +212,13 @@ def test_run_python_helper_reports_failures() -> None:
 
 @pytest.mark.contract
 def test_alembic_and_the_cli_work_on_either_backend(database: str) -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "alembic", "-x", f"database={database}", "upgrade", "head"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    result = run_alembic("-x", f"database={database}", "upgrade", "head")
     assert result.returncode == 0, result.stderr
     current = run_cli("migrate", "current", "-d", database)
     assert current.returncode == 0, current.stderr
     assert f"{migrate.head_revision()} (head)" in current.stdout
     listed = run_cli("ls", "--json", "-d", database)
     assert (listed.returncode, listed.stdout.strip()) == (0, "[]")
-    result = subprocess.run(
-        [sys.executable, "-m", "alembic", "-x", f"database={database}", "downgrade", "base"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    result = run_alembic("-x", f"database={database}", "downgrade", "base")
     assert result.returncode == 0, result.stderr
     assert "(head)" not in run_cli("migrate", "current", "-d", database).stdout

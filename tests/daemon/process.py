@@ -117,3 +117,18 @@ class Daemon:
                 self.proc.kill()
             self.proc.wait()
             self.proc = None
+
+
+def log_problems(log: str) -> list[str]:
+    """Lines of a daemon log that must never be there (a traceback, a leak, an error)."""
+    bad = (
+        "Traceback",
+        "ResourceWarning",
+        "Exception ignored",
+        "never awaited",
+        "Task was destroyed",
+        " ERROR ",
+        " CRITICAL ",
+        "locked",
+    )
+    return [line for line in log.splitlines() if any(b in line for b in bad)]

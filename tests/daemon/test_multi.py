@@ -30,23 +30,9 @@ from websockets.frames import Frame, Opcode
 from tests.conftest import _pg_admin
 from tests.daemon.conftest import Clients, SpawnDaemon
 from tests.daemon.process import Daemon
+from tests.daemon.process import log_problems as _problems
 from tests.daemon.wsclient import closed, http_get, receive, request, send
 from tests.helpers import REPO
-
-
-def _problems(log: str) -> list[str]:
-    """Lines of a daemon log that must never be there."""
-    bad = (
-        "Traceback",
-        "ResourceWarning",
-        "Exception ignored",
-        "never awaited",
-        "Task was destroyed",
-        " ERROR ",
-        " CRITICAL ",
-        "locked",
-    )
-    return [line for line in log.splitlines() if any(b in line for b in bad)]
 
 
 async def _stop_cleanly(*daemons: Daemon) -> None:

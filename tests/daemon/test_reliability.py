@@ -41,6 +41,7 @@ from sessionstore.daemon.server import SessionServer, serve
 from sessionstore.store import dumps
 from tests.daemon.conftest import Clients, SpawnDaemon
 from tests.daemon.process import clean_env
+from tests.daemon.process import log_problems as _problems
 from tests.daemon.wsclient import receive, request, send
 from tests.helpers import REPO, ManualClock, scribble_pages
 
@@ -55,21 +56,6 @@ def _rows(db: Path) -> dict[str, tuple[dict[str, Any], int]]:
 def _integrity(db: Path) -> str:
     with contextlib.closing(sqlite3.connect(db)) as conn:
         return str(conn.execute("PRAGMA integrity_check").fetchone()[0])
-
-
-def _problems(log: str) -> list[str]:
-    """Lines of a daemon log that must never be there (a traceback, a leak, an error)."""
-    bad = (
-        "Traceback",
-        "ResourceWarning",
-        "Exception ignored",
-        "never awaited",
-        "Task was destroyed",
-        " ERROR ",
-        " CRITICAL ",
-        "locked",
-    )
-    return [line for line in log.splitlines() if any(b in line for b in bad)]
 
 
 # ----- 1. two processes, one file: compare-and-set increments are never lost -----
