@@ -4,7 +4,11 @@
 Run ``python benchmarks/bench.py [--quick] [--json out.json] [--scenario NAME ...]``.
 Every database lives in a temporary directory that is removed at the end; Redis is
 used only when a server answers on ``REDIS_URL`` (default redis://127.0.0.1:6379/0),
-under a key prefix of its own, and only those keys are ever deleted. The process
+under a key prefix of its own, and only those keys are ever deleted. sessionstore
+also runs on PostgreSQL (issue 6) when a server answers on
+``SESSIONSTORE_BENCH_POSTGRES_URL`` (default
+postgresql+asyncpg://postgres@127.0.0.1:5432/test), in a database the run creates
+with a random name and drops at the end (``--no-postgres`` skips it). The process
 exits 0 whether or not a target is met (non-zero only when a scenario crashes).
 See benchmarks/README.md for what each figure means.
 """
@@ -16,7 +20,9 @@ import asyncio
 import base64
 import contextlib
 import cProfile
+import functools
 import gc
+import importlib
 import json
 import logging
 import os
@@ -25,6 +31,7 @@ import pstats
 import random
 import secrets
 import shutil
+import signal
 import sqlite3
 import statistics
 import sys
@@ -35,7 +42,9 @@ import tracemalloc
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+
+from sqlalchemy.engine import URL, make_url
 
 import sessionstore
 from sessionstore import SessionManager
@@ -45,7 +54,15 @@ try:
 except ImportError:  # the `bench` extra is not installed
     aioredis = None  # type: ignore[assignment]
 
+asyncpg: Any
+try:  # imported by name: asyncpg ships no type information
+    asyncpg = importlib.import_module("asyncpg")
+except ImportError:  # the `postgres` extra is not installed
+    asyncpg = None
+
 log = logging.getLogger("bench")
+
+T = TypeVar("T")
 
 #: Fixed epoch for every clock: the benchmark moves time instead of waiting.
 BASE = 1_700_000_000.0
@@ -65,6 +82,8 @@ CHUNK_DELETE_SQL = (
     "(SELECT session_id FROM sessions WHERE last_activity < ? LIMIT ?)"
 )
 COLUMNS = "session_id, created_at, last_activity, data, version"
+COLUMN_NAMES = ("session_id", "created_at", "last_activity", "data", "version")
+DEFAULT_POSTGRES_URL = "postgresql+asyncpg://postgres@127.0.0.1:5432/test"
 SCENARIOS = ("create", "touch", "get", "cleanup", "restart", "latency", "memory")
 
 
@@ -107,6 +126,7 @@ class Row:
     raw: float | None
     redis: float | None
     note: str = ""
+    pg: float | None = None  # sessionstore on PostgreSQL
 
     @property
     def ss_raw(self) -> float | None:
@@ -117,6 +137,11 @@ class Row:
     def ss_redis(self) -> float | None:
         """sessionstore's figure divided by Redis's."""
         return _ratio(self.ss, self.redis)
+
+    @property
+    def pg_ss(self) -> float | None:
+        """sessionstore on PostgreSQL divided by sessionstore on SQLite."""
+        return _ratio(self.pg, self.ss)
 
 
 @dataclass
@@ -129,6 +154,9 @@ class Target:
     threshold: float
     unit: str  # "x" (a ratio) or "ms", "B"
     detail: str = ""
+    #: "sqlite": issue 4's targets; "postgresql": the same bars applied to sessionstore
+    #: on PostgreSQL, for information (issue 6 sets no targets of its own).
+    backend: str = "sqlite"
 
     @property
     def status(self) -> str:
@@ -162,6 +190,12 @@ def fake_ids(n: int, seed: int) -> list[str]:
     return [base64.urlsafe_b64encode(rng.randbytes(16)).rstrip(b"=").decode() for _ in range(n)]
 
 
+@functools.lru_cache(maxsize=4)
+def shared_ids(n: int, seed: int) -> tuple[str, ...]:
+    """:func:`fake_ids`, made once per run (the big SQLite and PostgreSQL tables share them)."""
+    return tuple(fake_ids(n, seed))
+
+
 def clock_for(n: int, expired_fraction: float) -> float:
     """The clock at which the first ``expired_fraction`` of a ``populate``d db expired.
 
@@ -175,8 +209,12 @@ def clock_for(n: int, expired_fraction: float) -> float:
 OVERRIDES: dict[str, Any] = {}
 
 
-def make_manager(path: Path, clock: Clock, **options: Any) -> SessionManager:
-    """A manager with no session limit and no periodic cleanup during a measurement."""
+def make_manager(database: Path | str, clock: Clock, **options: Any) -> SessionManager:
+    """A manager with no session limit and no periodic cleanup during a measurement.
+
+    ``database`` is a SQLite file or a PostgreSQL URL (``synchronous`` is SQLite's
+    pragma; the PostgreSQL store ignores it).
+    """
     opts: dict[str, Any] = {
         "session_timeout_secs": TIMEOUT,
         "max_concurrent_sessions": 0,
@@ -185,7 +223,7 @@ def make_manager(path: Path, clock: Clock, **options: Any) -> SessionManager:
         **OVERRIDES,
     }
     opts.update(options)
-    return SessionManager(str(path), clock=clock, **opts)
+    return SessionManager(str(database), clock=clock, **opts)
 
 
 def parse_setting(text: str) -> tuple[str, Any]:
@@ -328,6 +366,244 @@ class RedisSide:
         return int((await self.client.info("memory"))["used_memory"])
 
 
+class PgSide:
+    """sessionstore on PostgreSQL: a database of the run's own, and a bulk connection.
+
+    The database gets a random name (``ssbench_<8 hex>``), is created on the server of
+    ``SESSIONSTORE_BENCH_POSTGRES_URL`` and dropped by :meth:`drop` (``WITH (FORCE)``)
+    at the end, also after a crash or Ctrl-C; no other database is ever dropped. Its
+    ``sessions`` table is migrated by sessionstore itself, then emptied and refilled
+    with ``COPY`` (``copy_records_to_table``) as each scenario needs.
+    """
+
+    def __init__(self, server: URL) -> None:
+        self.server = server
+        self.name = f"ssbench_{secrets.token_hex(4)}"
+        self.url = server.set(drivername="postgresql+asyncpg", database=self.name).render_as_string(
+            hide_password=False
+        )
+        self.conn: Any = None  # asyncpg connection to our database, for bulk work
+        self.info: dict[str, Any] = {}
+        self.created = False
+        #: "big" while the table holds the big table (less rows that cleanup deleted
+        #: from its expired end, which :meth:`big` puts back); None otherwise.
+        self.state: str | None = None
+        self._big_ids: Sequence[str] = ()
+
+    def _connect_args(self, database: str | None) -> dict[str, Any]:
+        return {
+            "host": self.server.host or "127.0.0.1",
+            "port": self.server.port or 5432,
+            "user": self.server.username,
+            "password": self.server.password,
+            "database": database,
+            "timeout": 2.0,
+        }
+
+    async def admin(self) -> Any:
+        """A connection to the server's own database (the one in the URL)."""
+        return await asyncpg.connect(**self._connect_args(self.server.database))
+
+    async def create(self) -> None:
+        """Create our database, migrate it with sessionstore, open the bulk connection."""
+        admin = await self.admin()
+        try:
+            version = await admin.fetchval("SHOW server_version")
+            settings = {
+                name: await admin.fetchval(f"SHOW {name}")
+                for name in ("fsync", "synchronous_commit", "shared_buffers", "max_connections")
+            }
+            await admin.execute(f'CREATE DATABASE "{self.name}"')
+            self.created = True
+        finally:
+            await admin.close()
+        self.info = {"version": version, "database": self.name, **settings}
+        manager = make_manager(self.url, Clock(BASE), background_tasks=False)
+        await manager.start()  # migrates the empty database to head
+        await manager.aclose()
+        self.conn = await asyncpg.connect(**self._connect_args(self.name))
+
+    async def drop(self) -> None:
+        """DROP DATABASE ours WITH (FORCE) (idempotent); never any other database."""
+        if self.conn is not None:
+            conn, self.conn = self.conn, None
+            with contextlib.suppress(Exception):
+                await conn.close(timeout=2.0)
+        if not self.created:
+            return
+        admin = await self.admin()
+        try:
+            await admin.execute(f'DROP DATABASE IF EXISTS "{self.name}" WITH (FORCE)')
+            self.created = False
+        finally:
+            await admin.close()
+
+    async def load(
+        self, ids: Sequence[str], last_activity: Callable[[int], float], *, bulk: bool = False
+    ) -> None:
+        """Empty the tables and COPY these rows in; ``bulk`` rebuilds the indexes after.
+
+        Like :func:`populate`: with ``bulk``, the primary key and indexes are dropped
+        and re-created in the same transaction as the COPY (4x faster at 1M rows).
+        """
+        self.state = None
+        conn = self.conn
+        records = (
+            (sid, last_activity(i), last_activity(i), DATA_TEXT, 1) for i, sid in enumerate(ids)
+        )
+        async with conn.transaction():
+            await conn.execute("TRUNCATE sessions, session_tombstones")
+            if not bulk:
+                await conn.copy_records_to_table("sessions", records=records, columns=COLUMN_NAMES)
+            else:
+                constraints = await conn.fetch(
+                    "SELECT conname, pg_get_constraintdef(oid) AS def FROM pg_constraint "
+                    "WHERE conrelid = 'sessions'::regclass AND contype IN ('p', 'u')"
+                )
+                owned = {r["conname"] for r in constraints}
+                indexes = [
+                    r
+                    for r in await conn.fetch(
+                        "SELECT indexname, indexdef FROM pg_indexes "
+                        "WHERE schemaname = current_schema() AND tablename = 'sessions'"
+                    )
+                    if r["indexname"] not in owned
+                ]
+                for r in constraints:
+                    await conn.execute(f'ALTER TABLE sessions DROP CONSTRAINT "{r["conname"]}"')
+                for r in indexes:
+                    await conn.execute(f'DROP INDEX "{r["indexname"]}"')
+                await conn.copy_records_to_table("sessions", records=records, columns=COLUMN_NAMES)
+                await conn.execute("SET LOCAL maintenance_work_mem = '256MB'")
+                for r in constraints:
+                    await conn.execute(
+                        f'ALTER TABLE sessions ADD CONSTRAINT "{r["conname"]}" {r["def"]}'
+                    )
+                for r in indexes:
+                    await conn.execute(r["indexdef"])
+        await conn.execute("VACUUM ANALYZE sessions")
+
+    async def big(self, n: int) -> Sequence[str]:
+        """Make the table hold the big table (``n`` rows, last_activity BASE+i); its ids.
+
+        Built once by COPY; afterwards rows that a cleanup deleted from the expired
+        end (the lowest ``i``) are put back, and anything else rebuilds it.
+        """
+        ids = shared_ids(n, seed=4)
+        if self.state == "big" and len(self._big_ids) == n and await self._restore_prefix():
+            return ids
+        started = time.perf_counter()
+        await self.load(ids, lambda i: BASE + i, bulk=True)
+        self.state, self._big_ids = "big", ids
+        size = int(await self.conn.fetchval("SELECT pg_total_relation_size('sessions')"))
+        print(
+            f"   (built the {n:,}-row PostgreSQL table in {time.perf_counter() - started:.1f} s "
+            f"by COPY: {size / 1e6:.0f} MB, {size / n:.0f} B/row incl. indexes)",
+            flush=True,
+        )
+        return ids
+
+    async def _restore_prefix(self) -> bool:
+        """Put back rows deleted from the low end of the big table; False if it cannot."""
+        ids = self._big_ids
+        count, low, high = await self.conn.fetchrow(
+            "SELECT count(*), min(last_activity), max(last_activity) FROM sessions"
+        )
+        if count == len(ids):
+            return bool(low == BASE and high == BASE + len(ids) - 1)
+        if low is None or high != BASE + len(ids) - 1:
+            return False
+        missing = round(low - BASE)
+        if count != len(ids) - missing:
+            return False
+        await self.conn.copy_records_to_table(
+            "sessions",
+            records=(
+                (sid, BASE + i, BASE + i, DATA_TEXT, 1) for i, sid in enumerate(ids[:missing])
+            ),
+            columns=COLUMN_NAMES,
+        )
+        await self.conn.execute("VACUUM ANALYZE sessions")
+        return True
+
+    async def raw_create(self, per_txn: int, duration: float) -> float:
+        """INSERTs of new sessions, ``per_txn`` a transaction, over asyncpg; rows/s.
+
+        The PostgreSQL counterpart of :func:`raw_create`: one connection, no
+        SQLAlchemy, ``executemany`` (pipelined) for a batch.
+        """
+        conn = self.conn
+        sql = f"INSERT INTO sessions ({COLUMNS}) VALUES ($1, $2, $3, $4, 1)"  # noqa: S608
+        n = 0
+        start = time.perf_counter()
+        deadline = start + duration
+        while time.perf_counter() < deadline:
+            now = time.time()
+            rows = [
+                (new_id(), now, now, json.dumps(DATA, separators=(",", ":")))
+                for _ in range(per_txn)
+            ]
+            async with conn.transaction():
+                if per_txn == 1:
+                    await conn.execute(sql, *rows[0])
+                else:
+                    await conn.executemany(sql, rows)
+            n += per_txn
+        self.state = None
+        return n / (time.perf_counter() - start)
+
+    async def raw_flush(self, ids: Sequence[str], now: float) -> tuple[float, float]:
+        """rows/s of the flush's UPDATEs over asyncpg: ``executemany``, and ``unnest``.
+
+        Both in one transaction: one ``executemany`` of an ``UPDATE`` per row (what
+        sessionstore sends), and a single ``UPDATE ... FROM unnest($1, $2)``.
+        """
+        conn = self.conn
+        started = time.perf_counter()
+        async with conn.transaction():
+            await conn.executemany(
+                "UPDATE sessions SET last_activity = $1 WHERE session_id = $2",
+                [(now, sid) for sid in ids],
+            )
+        many = time.perf_counter() - started
+        started = time.perf_counter()
+        async with conn.transaction():
+            await conn.execute(
+                "UPDATE sessions AS s SET last_activity = v.ts "
+                "FROM unnest($1::text[], $2::float8[]) AS v(sid, ts) WHERE s.session_id = v.sid",
+                list(ids),
+                [now + 1] * len(ids),
+            )
+        unnest = time.perf_counter() - started
+        return len(ids) / many, len(ids) / unnest
+
+    async def count_at(self, last_activity: float) -> int:
+        """Rows whose ``last_activity`` is exactly this."""
+        sql = "SELECT count(*) FROM sessions WHERE last_activity = $1"
+        return int(await self.conn.fetchval(sql, last_activity))
+
+    async def delete_once(self, cutoff: float, *, indexed: bool) -> tuple[float, int]:
+        """One ``DELETE ... WHERE last_activity < $1`` and its COMMIT: (seconds, rows).
+
+        Not indexed: index and bitmap scans are switched off for the transaction, so
+        the expired rows are found by a sequential scan (the index stays in place).
+        """
+        conn = self.conn
+        transaction = conn.transaction()
+        await transaction.start()
+        try:
+            if not indexed:
+                for knob in ("enable_indexscan", "enable_indexonlyscan", "enable_bitmapscan"):
+                    await conn.execute(f"SET LOCAL {knob} = off")
+            started = time.perf_counter()
+            status = await conn.execute("DELETE FROM sessions WHERE last_activity < $1", cutoff)
+            await transaction.commit()
+        except BaseException:
+            await transaction.rollback()
+            raise
+        return time.perf_counter() - started, int(status.split()[-1])
+
+
 class Context:
     """Settings, the temporary root, the contenders and the collected results."""
 
@@ -338,11 +614,15 @@ class Context:
         self.profile_dir: Path | None = args.profile
         self.redis: RedisSide | None = None
         self.redis_note = ""
+        self.pg: PgSide | None = None
+        self.pg_note = ""
         self.rows: list[Row] = []
         self.targets: list[Target] = []
         self.extra: dict[str, Any] = {}
+        #: Scenarios whose PostgreSQL part crashed (its figures show ``-``).
+        self.pg_failed: list[str] = []
         self._template: Path | None = None
-        self._big: tuple[Path, list[str]] | None = None
+        self._big: tuple[Path, Sequence[str]] | None = None
         self._counter = 0
 
     def path(self, name: str) -> Path:
@@ -361,13 +641,13 @@ class Context:
         shutil.copyfile(self._template, path)
         return path
 
-    async def big(self) -> tuple[Path, list[str]]:
+    async def big(self) -> tuple[Path, Sequence[str]]:
         """The big database (``sizes.big`` rows, last_activity BASE+i), built once."""
         if self._big is None:
             n = self.sizes.big
             started = time.perf_counter()
             path = await self.fresh_db("big-template.db")
-            ids = fake_ids(n, seed=4)
+            ids = shared_ids(n, seed=4)
             populate(path, ids, lambda i: BASE + i)
             self._big = (path, ids)
             size = path.stat().st_size
@@ -378,7 +658,7 @@ class Context:
             )
         return self._big
 
-    async def big_copy(self, name: str) -> tuple[Path, list[str]]:
+    async def big_copy(self, name: str) -> tuple[Path, Sequence[str]]:
         """A private copy of the big database (scenarios that change it)."""
         template, ids = await self.big()
         path = self.path(name)
@@ -395,6 +675,23 @@ class Context:
     def target(self, target: Target) -> None:
         """Record one target."""
         self.targets.append(target)
+
+    async def on_pg(self, name: str, work: Callable[[PgSide], Awaitable[T]]) -> T | None:
+        """Run the PostgreSQL part of a scenario; ``None`` when skipped or it crashed.
+
+        A crash is printed and recorded (the run exits 1) without losing the SQLite
+        and Redis figures of the same scenario.
+        """
+        if self.pg is None:
+            return None
+        try:
+            return await work(self.pg)
+        except Exception:
+            self.pg_failed.append(name)
+            self.pg.state = None
+            print(f"!!! the PostgreSQL part of scenario {name} failed:", file=sys.stderr)
+            traceback.print_exc()
+            return None
 
     @contextlib.contextmanager
     def profiled(self, name: str) -> Iterator[None]:
@@ -437,18 +734,20 @@ def fmt_ratio(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}"
 
 
+LABEL = 54  # width of the scenario column
 HEADER = (
-    f"{'#':<4}{'scenario':<46}{'unit':>6}{'sessionstore':>14}{'raw sqlite3':>14}"
-    f"{'redis':>12}{'ss/raw':>8}{'ss/redis':>9}"
+    f"{'#':<4}{'scenario':<{LABEL}}{'unit':>6}{'sessionstore':>14}{'raw sqlite3':>14}"
+    f"{'redis':>12}{'ss on PG':>12}{'ss/raw':>8}{'ss/redis':>9}{'PG/ss':>7}"
 )
 
 
 def format_row(row: Row) -> str:
     """One table line."""
     return (
-        f"{row.key:<4}{row.label:<46}{row.unit:>6}{fmt(row.ss, row.unit):>14}"
+        f"{row.key:<4}{row.label:<{LABEL}}{row.unit:>6}{fmt(row.ss, row.unit):>14}"
         f"{fmt(row.raw, row.unit):>14}{fmt(row.redis, row.unit):>12}"
-        f"{fmt_ratio(row.ss_raw):>8}{fmt_ratio(row.ss_redis):>9}"
+        f"{fmt(row.pg, row.unit):>12}{fmt_ratio(row.ss_raw):>8}{fmt_ratio(row.ss_redis):>9}"
+        f"{fmt_ratio(row.pg_ss):>7}"
     )
 
 
@@ -461,21 +760,37 @@ def print_summary(ctx: Context, wall: float) -> None:
     for row in ctx.rows:
         print(format_row(row))
     print("-" * len(HEADER))
-    print("ops/s: higher is better; s, ms, B: lower is better. ss/x = sessionstore / x.")
+    print(
+        "ops/s: higher is better; s, ms, B: lower is better. ss/x = sessionstore / x; "
+        "ss on PG = sessionstore on PostgreSQL; PG/ss = ss on PG / sessionstore (SQLite)."
+    )
     if ctx.redis is None:
         print(f"Redis: skipped ({ctx.redis_note}).")
     else:
         print(f"Redis: {ctx.redis_note}")
-    print()
-    print(f"{'target (issue 4)':<64}{'measured':>12}{'target':>10}  status")
-    for t in ctx.targets:
-        digits = 3 if t.unit == "x" else 1
-        value = "-" if t.value is None else f"{t.value:,.{digits}f}{t.unit}"
-        threshold = f"{t.op} {t.threshold:g}{t.unit}"
-        print(f"{t.name:<64}{value:>12}{threshold:>10}  {t.status:<5} {t.off_by}")
-        if t.detail:
-            print(f"{'':4}{t.detail}")
-    print(f"\nwall time {wall:.1f} s ({'quick' if ctx.quick else 'full'} run)")
+    print(f"PostgreSQL: {ctx.pg_note}" if ctx.pg else f"PostgreSQL: skipped ({ctx.pg_note}).")
+    groups = (
+        ("sqlite", "target (issue 4)"),
+        ("postgresql", "the same bars for sessionstore on PostgreSQL (information)"),
+    )
+    for backend, title in groups:
+        targets = [t for t in ctx.targets if t.backend == backend]
+        if not targets:
+            continue
+        print()
+        print(f"{title:<64}{'measured':>12}{'target':>10}  status")
+        for t in targets:
+            digits = 3 if t.unit == "x" else 1
+            value = "-" if t.value is None else f"{t.value:,.{digits}f}{t.unit}"
+            threshold = f"{t.op} {t.threshold:g}{t.unit}"
+            print(f"{t.name:<64}{value:>12}{threshold:>10}  {t.status:<5} {t.off_by}")
+            if t.detail:
+                print(f"{'':4}{t.detail}")
+    load = " / ".join(f"{x:.2f}" for x in os.getloadavg())
+    print(
+        f"\nwall time {wall:.1f} s ({'quick' if ctx.quick else 'full'} run); "
+        f"load average at the end {load} (at the start {ctx.extra.get('load_start', '?')})"
+    )
 
 
 # ----- 1. create -----
@@ -484,7 +799,7 @@ def print_summary(ctx: Context, wall: float) -> None:
 async def scenario_create(ctx: Context) -> None:
     """ensure() of new sessions, durable on return: 1 task and 256 tasks."""
     s = ctx.sizes
-    figures: dict[int, tuple[float, float, float | None]] = {}
+    figures: dict[int, tuple[float, float, float | None, float | None, float | None]] = {}
     for tasks in (1, s.tasks):
         path = await ctx.fresh_db(f"create-ss-{tasks}.db")
         manager = make_manager(path, Clock(BASE))
@@ -501,7 +816,9 @@ async def scenario_create(ctx: Context) -> None:
 
         raw = raw_create(await ctx.fresh_db(f"create-raw-{tasks}.db"), tasks, s.duration)
         rd = await redis_set_throughput(ctx, tasks, s.duration) if ctx.redis else None
-        figures[tasks] = (ss, raw, rd)
+        on_pg = await ctx.on_pg("create", functools.partial(pg_create, ctx, tasks))
+        pg, pg_transactions, pg_raw = on_pg or (None, 0, None)
+        figures[tasks] = (ss, raw, rd, pg, pg_raw)
         per_txn = "one transaction per create" if tasks == 1 else f"{tasks} creates a transaction"
         ctx.add(
             Row(
@@ -513,10 +830,17 @@ async def scenario_create(ctx: Context) -> None:
                 rd,
                 f"raw: INSERT, {per_txn}, WAL+FULL; redis: SET EX (not durable: "
                 f"appendonly={ctx.redis.info.get('appendonly', '?') if ctx.redis else '-'}); "
-                f"sessionstore used {transactions} transactions",
+                f"sessionstore used {transactions} transactions"
+                + (
+                    f"; on PostgreSQL {pg_transactions}, and raw asyncpg INSERTs ({per_txn}) "
+                    f"{pg_raw:,.0f}/s"
+                    if pg is not None and pg_raw is not None
+                    else ""
+                ),
+                pg=pg,
             )
         )
-    ss, raw, rd = figures[s.tasks]
+    ss, raw, rd, pg, pg_raw = figures[s.tasks]
     ctx.target(
         Target(
             f"create@{s.tasks}: sessionstore / Redis SET EX",
@@ -531,6 +855,48 @@ async def scenario_create(ctx: Context) -> None:
             f"create@{s.tasks}: sessionstore / raw batched limit", _ratio(ss, raw), ">=", 0.5, "x"
         )
     )
+    if ctx.pg is not None:
+        ctx.target(
+            Target(
+                f"create@{s.tasks}: sessionstore on PG / Redis SET EX",
+                _ratio(pg, rd),
+                ">=",
+                3,
+                "x",
+                backend="postgresql",
+            )
+        )
+        ctx.target(
+            Target(
+                f"create@{s.tasks}: ss on PG / raw asyncpg batched limit",
+                _ratio(pg, pg_raw),
+                ">=",
+                0.5,
+                "x",
+                backend="postgresql",
+            )
+        )
+
+
+async def pg_create(ctx: Context, tasks: int, pg: PgSide) -> tuple[float, int, float]:
+    """ensure() of new sessions on PostgreSQL from ``tasks`` tasks.
+
+    Returns (ops/s, transactions, raw asyncpg INSERTs/s with ``tasks`` a transaction).
+    """
+    await pg.load([], lambda _i: BASE)
+    manager = make_manager(pg.url, Clock(BASE))
+    await manager.start()
+    await manager.ensure(data=DATA)
+
+    async def op(_k: int, _i: int) -> None:
+        await manager.ensure(data=DATA)
+
+    with ctx.profiled(f"pg_create_{tasks}"):
+        rate = await throughput(tasks, ctx.sizes.duration, op)
+    transactions = getattr(getattr(manager, "_writer", None), "transactions", 0)
+    await manager.aclose()
+    raw = await pg.raw_create(tasks, ctx.sizes.duration)
+    return rate, int(transactions), raw
 
 
 def raw_create(path: Path, per_txn: int, duration: float) -> float:
@@ -622,6 +988,8 @@ async def scenario_touch(ctx: Context) -> None:
 
     raw_touch = raw_touch_rate(path, ids, s.tasks, s.duration)
     raw_flush = raw_flush_rate(path, ids, clock.now + 1)
+    on_pg = await ctx.on_pg("touch", functools.partial(pg_touch, ctx, ids))
+    pg, pg_flush, pg_raw_flush, pg_note = on_pg or (None, None, None, "")
     rd = None
     if ctx.redis is not None:
         keys = [ctx.redis.key(sid) for sid in ids]
@@ -642,6 +1010,7 @@ async def scenario_touch(ctx: Context) -> None:
             raw_touch,
             rd,
             f"raw: UPDATE, {s.tasks} a transaction (every touch written); redis: EXPIRE",
+            pg=pg,
         )
     )
     ctx.add(
@@ -654,7 +1023,8 @@ async def scenario_touch(ctx: Context) -> None:
             None,
             f"sessionstore: ensure() with {n:,} touches pending took {flush_seconds * 1e3:.1f} ms "
             f"({persisted:,}/{n:,} persisted; aclose() after {close_seconds * 1e3:.0f} ms); "
-            f"raw: one executemany of {n:,} UPDATEs + COMMIT",
+            f"raw: one executemany of {n:,} UPDATEs + COMMIT" + pg_note,
+            pg=pg_flush,
         )
     )
     ctx.target(
@@ -669,6 +1039,71 @@ async def scenario_touch(ctx: Context) -> None:
             "x",
         )
     )
+    if ctx.pg is not None:
+        ctx.target(
+            Target(
+                "update_activity: sessionstore on PG / Redis EXPIRE",
+                _ratio(pg, rd),
+                ">=",
+                20,
+                "x",
+                backend="postgresql",
+            )
+        )
+        ctx.target(
+            Target(
+                "flush rate: sessionstore on PG / raw asyncpg executemany",
+                _ratio(pg_flush, pg_raw_flush),
+                ">=",
+                0.5,
+                "x",
+                backend="postgresql",
+            )
+        )
+
+
+async def pg_touch(ctx: Context, ids: Sequence[str], pg: PgSide) -> tuple[float, float, float, str]:
+    """update_activity and the flush on PostgreSQL.
+
+    Returns (touches/s, flushed rows/s, raw asyncpg executemany rows/s, note).
+    """
+    s = ctx.sizes
+    n = len(ids)
+    await pg.load(ids, lambda _i: BASE)
+    clock = Clock(BASE + 1)
+    manager = make_manager(pg.url, clock)
+    await manager.start()
+    await fixed_work(s.tasks, ids, manager.get)  # load the live sessions (untimed)
+
+    async def op(k: int, i: int) -> None:
+        await manager.update_activity(ids[(i * s.tasks + k) % n])
+
+    with ctx.profiled("pg_touch"):
+        rate = await throughput(s.tasks, s.duration, op)
+    await manager.aclose()
+
+    manager = make_manager(pg.url, clock, flush_interval_secs=3600.0)
+    await manager.start()
+    await fixed_work(s.tasks, ids, manager.get)
+    await manager.ensure(data=DATA)
+    clock.now += 1
+    for sid in ids:
+        await manager.update_activity(sid)
+    with ctx.profiled("pg_flush"):
+        started = time.perf_counter()
+        await manager.ensure(data=DATA)
+        seconds = time.perf_counter() - started
+    started = time.perf_counter()
+    await manager.aclose()
+    close_seconds = time.perf_counter() - started
+    persisted = await pg.count_at(clock.now)
+    many, unnest = await pg.raw_flush(ids, clock.now + 1)
+    note = (
+        f"; on PostgreSQL the ensure() took {seconds * 1e3:.1f} ms ({persisted:,}/{n:,} "
+        f"persisted; aclose() after {close_seconds * 1e3:.0f} ms), raw asyncpg: "
+        f"executemany {many:,.0f} rows/s, one UPDATE ... FROM unnest {unnest:,.0f} rows/s"
+    )
+    return rate, n / seconds, many, note
 
 
 def raw_touch_rate(path: Path, ids: Sequence[str], per_txn: int, duration: float) -> float:
@@ -734,6 +1169,8 @@ async def scenario_get(ctx: Context) -> None:
     await manager.aclose()
 
     raw = raw_get_rate(path, ids, s.tasks, s.duration)
+    on_pg = await ctx.on_pg("get", functools.partial(pg_get, ctx, ids))
+    pg_cold, pg, pg_missing = on_pg or (None, None, 0)
     rd = rd_cold = None
     if ctx.redis is not None:
         keys = [ctx.redis.key(sid) for sid in ids]
@@ -759,11 +1196,53 @@ async def scenario_get(ctx: Context) -> None:
             ss_cold,
             raw,
             rd_cold,
-            note + (f"; {missing} sessions not found!" if missing else ""),
+            note
+            + (f"; {missing} sessions not found!" if missing else "")
+            + (f"; {pg_missing} not found on PostgreSQL!" if pg_missing else ""),
+            pg=pg_cold,
         )
     )
-    ctx.add(Row("3b", f"get, live sessions held, {s.tasks} tasks", "ops/s", ss, raw, rd, note))
+    ctx.add(
+        Row("3b", f"get, live sessions held, {s.tasks} tasks", "ops/s", ss, raw, rd, note, pg=pg)
+    )
     ctx.target(Target("get: sessionstore / Redis GET", _ratio(ss, rd), ">=", 20, "x"))
+    if ctx.pg is not None:
+        ctx.target(
+            Target(
+                "get: sessionstore on PG / Redis GET",
+                _ratio(pg, rd),
+                ">=",
+                20,
+                "x",
+                backend="postgresql",
+            )
+        )
+
+
+async def pg_get(ctx: Context, ids: Sequence[str], pg: PgSide) -> tuple[float, float, int]:
+    """get() on PostgreSQL: (first gets/s, held gets/s, sessions not found)."""
+    s = ctx.sizes
+    n = len(ids)
+    await pg.load(ids, lambda _i: BASE)
+    manager = make_manager(pg.url, Clock(BASE + 1))
+    await manager.start()
+    missing = 0
+
+    async def cold(sid: str) -> None:
+        nonlocal missing
+        if await manager.get(sid) is None:
+            missing += 1
+
+    with ctx.profiled("pg_get_cold"):
+        first = await fixed_work(s.tasks, ids, cold)
+
+    async def op(k: int, i: int) -> None:
+        await manager.get(ids[(i * s.tasks + k) % n])
+
+    with ctx.profiled("pg_get_cached"):
+        held = await throughput(s.tasks, s.duration, op)
+    await manager.aclose()
+    return first, held, missing
 
 
 def raw_get_rate(path: Path, ids: Sequence[str], batch: int, duration: float) -> float:
@@ -802,6 +1281,7 @@ async def scenario_cleanup(ctx: Context) -> None:
     clock = Clock(now)
     manager = make_manager(path, clock, background_tasks=False)
     await manager.start()
+    await manager.recovered()  # start-up counts run after ready: not part of the cleanup
     with ctx.profiled("cleanup_1pct"):
         started = time.perf_counter()
         deleted = await manager.cleanup_stale_sessions()
@@ -834,6 +1314,14 @@ async def scenario_cleanup(ctx: Context) -> None:
     unindexed_more, _ = raw_delete_once(path, later - TIMEOUT)
     path.unlink()
 
+    pg = await ctx.on_pg("cleanup", functools.partial(pg_cleanup, ctx))
+    pg_note = ""
+    if pg is not None:
+        pg_note = (
+            f"; on PostgreSQL: deleted {pg.deleted:,}; one DELETE + COMMIT "
+            f"{pg.raw * 1e3:.1f} ms by the index, {pg.scan * 1e3:.1f} ms by a sequential scan"
+        )
+
     ctx.add(
         Row(
             "4a",
@@ -844,7 +1332,8 @@ async def scenario_cleanup(ctx: Context) -> None:
             None,
             f"sessionstore: cleanup_stale_sessions() deleted {deleted:,} in chunks of "
             f"{chunk:,}; raw: one DELETE ({raw_deleted:,} rows) + COMMIT; "
-            "redis: n/a (expires keys itself)",
+            "redis: n/a (expires keys itself)" + pg_note,
+            pg=None if pg is None else pg.ss * 1e3,
         )
     )
     ctx.add(
@@ -868,7 +1357,9 @@ async def scenario_cleanup(ctx: Context) -> None:
             None,
             f"sessionstore deleted {deleted_more:,}; unindexed: {unindexed_more * 1e3:.1f} ms "
             f"(sessionstore / unindexed = {ss_more / unindexed_more:.2f}, "
-            f"raw indexed / unindexed = {raw_more / unindexed_more:.2f})",
+            f"raw indexed / unindexed = {raw_more / unindexed_more:.2f})"
+            + ("" if pg is None else f"; on PostgreSQL deleted {pg.deleted_more:,}"),
+            pg=None if pg is None else pg.ss_more * 1e3,
         )
     )
     ctx.add(
@@ -893,6 +1384,63 @@ async def scenario_cleanup(ctx: Context) -> None:
             f"{raw / unindexed:.2f}x",
         )
     )
+    if ctx.pg is not None:
+        ctx.target(
+            Target(
+                "cleanup of 1%: ss on PG / PG DELETE by a sequential scan",
+                None if pg is None else pg.ss / pg.scan,
+                "<=",
+                0.25,
+                "x",
+                ""
+                if pg is None
+                else f"{pg.ss * 1e3:.1f} ms vs {pg.scan * 1e3:.1f} ms; one DELETE by the "
+                f"index is {pg.raw / pg.scan:.2f}x",
+                backend="postgresql",
+            )
+        )
+
+
+@dataclass
+class PgCleanup:
+    """The cleanup figures on PostgreSQL (seconds)."""
+
+    ss: float
+    deleted: int
+    ss_more: float
+    deleted_more: int
+    raw: float  # one DELETE ... WHERE last_activity < $1 by the index, + COMMIT
+    scan: float  # the same DELETE with index scans switched off
+
+
+async def pg_cleanup(ctx: Context, pg: PgSide) -> PgCleanup:
+    """cleanup_stale_sessions() of 1%, then 0.1%, of the big table on PostgreSQL.
+
+    Then the raw limit on the same server: one ``DELETE`` of the same 1%, by the index
+    and by a sequential scan (the deleted rows are put back before each).
+    """
+    n = ctx.sizes.big
+    now, later = clock_for(n, 0.01), clock_for(n, 0.011)
+    await pg.big(n)
+    clock = Clock(now)
+    manager = make_manager(pg.url, clock, background_tasks=False)
+    await manager.start()
+    await manager.recovered()  # start-up counts run after ready: not part of the cleanup
+    with ctx.profiled("pg_cleanup_1pct"):
+        started = time.perf_counter()
+        deleted = await manager.cleanup_stale_sessions()
+        seconds = time.perf_counter() - started
+    clock.now = later
+    started = time.perf_counter()
+    deleted_more = await manager.cleanup_stale_sessions()
+    seconds_more = time.perf_counter() - started
+    await manager.aclose()
+    await pg.big(n)
+    raw, _ = await pg.delete_once(now - TIMEOUT, indexed=True)
+    await pg.big(n)
+    scan, _ = await pg.delete_once(now - TIMEOUT, indexed=False)
+    await pg.big(n)
+    return PgCleanup(seconds, deleted, seconds_more, deleted_more, raw, scan)
 
 
 def raw_count_expired(path: Path, cutoff: float, *, indexed: bool) -> float:
@@ -945,6 +1493,7 @@ async def scenario_restart(ctx: Context) -> None:
     warm.unlink()
 
     results: dict[int, tuple[float, float]] = {}
+    rows: list[Row] = []
     for n, template, ids in ((s.small, small, small_ids), (s.big, big, big_ids)):
         clock = Clock(clock_for(n, 0.5))
         times: list[float] = []
@@ -967,7 +1516,7 @@ async def scenario_restart(ctx: Context) -> None:
             rd = statistics.median([await redis_restart(ctx) for _ in range(s.repeats)])
         ss = statistics.median(times)
         results[n] = (ss, raw)
-        ctx.add(
+        rows.append(
             Row(
                 "5",
                 f"restart-to-ready, {n:,} stored, half expired",
@@ -980,6 +1529,13 @@ async def scenario_restart(ctx: Context) -> None:
             )
         )
     small.unlink()
+    pg = await ctx.on_pg("restart", functools.partial(pg_restart, ctx, small_ids))
+    for row, n in zip(rows, (s.small, s.big), strict=True):
+        if pg is not None and n in pg:
+            median, note = pg[n]
+            row.pg = median * 1e3
+            row.note += f"; on PostgreSQL {note}"
+        ctx.add(row)
     ss_small, raw_small = results[s.small]
     ss_big, raw_big = results[s.big]
     ctx.extra["restart_note"] = (
@@ -997,12 +1553,66 @@ async def scenario_restart(ctx: Context) -> None:
             f"{ss_big * 1e3:.1f} ms vs {ss_small * 1e3:.1f} ms",
         )
     )
+    if ctx.pg is not None:
+        pg_small = pg[s.small][0] if pg and s.small in pg else None
+        pg_big = pg[s.big][0] if pg and s.big in pg else None
+        ctx.target(
+            Target(
+                f"restart-to-ready on PG: {s.big:,} / {s.small:,} stored",
+                _ratio(pg_big, pg_small),
+                "<=",
+                2,
+                "x",
+                ""
+                if pg_big is None or pg_small is None
+                else f"{pg_big * 1e3:.1f} ms vs {pg_small * 1e3:.1f} ms",
+                backend="postgresql",
+            )
+        )
 
 
-async def restart_once(path: Path, clock: Clock, live_id: str) -> tuple[float, float, str]:
+async def pg_restart(
+    ctx: Context, small_ids: Sequence[str], pg: PgSide
+) -> dict[int, tuple[float, str]]:
+    """Restart-to-ready on PostgreSQL, small then big table: {rows: (median s, note)}.
+
+    Each small measurement refills the table; between big ones, the rows the
+    restart's background cleanup deleted (it starts right after ready and is
+    cancelled by aclose) are put back.
+    """
+    s = ctx.sizes
+    small_clock = Clock(clock_for(s.small, 0.5))
+    await pg.load(small_ids, lambda i: BASE + i)
+    await restart_once(pg.url, small_clock, small_ids[-1])  # warm up the PG code paths
+    out: dict[int, tuple[float, str]] = {}
+    for n in (s.small, s.big):
+        clock = Clock(clock_for(n, 0.5))
+        times: list[float] = []
+        recovery = ""
+        for rep in range(s.repeats):
+            if n == s.small:
+                await pg.load(small_ids, lambda i: BASE + i)
+                live_id = small_ids[-1]
+            else:
+                live_id = (await pg.big(n))[-1]
+            with ctx.profiled(f"pg_restart_{n}") if rep == 0 else contextlib.nullcontext():
+                seconds, _close, report = await restart_once(pg.url, clock, live_id)
+            times.append(seconds)
+            recovery = recovery or report
+        out[n] = (
+            statistics.median(times),
+            f"{', '.join(f'{t * 1e3:.1f}' for t in times)} ms ({recovery})",
+        )
+    await pg.big(s.big)  # put back what the last restart's cleanup deleted
+    return out
+
+
+async def restart_once(
+    database: Path | str, clock: Clock, live_id: str
+) -> tuple[float, float, str]:
     """One restart: (seconds to ready, seconds to aclose after, recovery summary)."""
     started = time.perf_counter()
-    manager = make_manager(path, clock)
+    manager = make_manager(database, clock)
     await manager.start()
     session = await manager.get(live_id)
     ready = time.perf_counter() - started
@@ -1056,6 +1666,7 @@ async def scenario_latency(ctx: Context) -> None:
     path, _ids = await ctx.big_copy("latency-ss.db")
     manager = make_manager(path, Clock(now), background_tasks=False)
     await manager.start()
+    await manager.recovered()  # start-up counts run after ready: not in the baseline
     chunk = manager.settings.cleanup_chunk_rows
 
     base_lat, _ = await ensure_latencies(manager, s.latency_tasks, until=s.duration / 2)
@@ -1076,9 +1687,19 @@ async def scenario_latency(ctx: Context) -> None:
     rd_seconds = None
     if ctx.redis is not None:
         rd_lat, rd_seconds = await redis_cleanup_latencies(ctx, half, chunk, s.latency_tasks)
+    pg = await ctx.on_pg("latency", functools.partial(pg_latency, ctx))
+    pg_lat = None if pg is None else pg.latencies
 
     def ms(values: Sequence[float] | None, q: float) -> float | None:
         return None if not values else percentile(values, q) * 1e3
+
+    pg_note = ""
+    if pg is not None:
+        pg_note = (
+            f"; on PostgreSQL: {len(pg.latencies):,} ensures ({pg.rate:,.0f}/s), "
+            f"p50 {ms(pg.latencies, 0.5):.2f} ms; without cleanup p99 "
+            f"{ms(pg.baseline, 0.99):.2f} ms, max {ms(pg.baseline, 1.0):.2f} ms"
+        )
 
     ctx.add(
         Row(
@@ -1090,7 +1711,8 @@ async def scenario_latency(ctx: Context) -> None:
             ms(rd_lat, 0.99),
             f"{s.latency_tasks} tasks; sessionstore: {len(lat):,} ensures ({ops:,.0f}/s), "
             f"p50 {ms(lat, 0.5):.2f} ms; without cleanup p99 {ms(base_lat, 0.99):.2f} ms, "
-            f"max {ms(base_lat, 1.0):.2f} ms",
+            f"max {ms(base_lat, 1.0):.2f} ms" + pg_note,
+            pg=ms(pg_lat, 0.99),
         )
     )
     ctx.add(
@@ -1104,6 +1726,7 @@ async def scenario_latency(ctx: Context) -> None:
             f"raw: one writer alternating {chunk:,}-row DELETE chunks and "
             f"{s.latency_tasks}-row INSERT transactions; redis: DEL {chunk:,} keys at a time "
             f"vs SET EX",
+            pg=ms(pg_lat, 1.0),
         )
     )
     ctx.add(
@@ -1114,7 +1737,9 @@ async def scenario_latency(ctx: Context) -> None:
             cleanup_seconds,
             raw_seconds,
             rd_seconds,
-            f"sessionstore deleted {deleted:,} (chunks of {chunk:,}) while serving ensure()",
+            f"sessionstore deleted {deleted:,} (chunks of {chunk:,}) while serving ensure()"
+            + ("" if pg is None else f"; on PostgreSQL {pg.deleted:,}"),
+            pg=None if pg is None else pg.seconds,
         )
     )
     ctx.target(
@@ -1127,6 +1752,49 @@ async def scenario_latency(ctx: Context) -> None:
             f"p99 {ms(lat, 0.99):.1f} ms",
         )
     )
+    if ctx.pg is not None:
+        ctx.target(
+            Target(
+                f"max ensure latency on PG during the cleanup of {half:,}",
+                ms(pg_lat, 1.0),
+                "<=",
+                100,
+                "ms",
+                "" if pg_lat is None else f"p99 {ms(pg_lat, 0.99):.1f} ms",
+                backend="postgresql",
+            )
+        )
+
+
+@dataclass
+class PgLatency:
+    """ensure() latencies on PostgreSQL with and without the big cleanup running."""
+
+    baseline: list[float]
+    latencies: list[float]
+    rate: float
+    deleted: int
+    seconds: float
+
+
+async def pg_latency(ctx: Context, pg: PgSide) -> PgLatency:
+    """The latency scenario on PostgreSQL: ensure() from 16 tasks during the cleanup."""
+    s = ctx.sizes
+    n = s.big
+    await pg.big(n)
+    manager = make_manager(pg.url, Clock(clock_for(n, 0.5)), background_tasks=False)
+    await manager.start()
+    await manager.recovered()
+    pg.state = None  # the ensure()s below add rows
+    baseline, _ = await ensure_latencies(manager, s.latency_tasks, until=s.duration / 2)
+    with ctx.profiled("pg_latency_cleanup"):
+        cleanup = asyncio.create_task(manager.cleanup_stale_sessions())
+        started = time.perf_counter()
+        latencies, rate = await ensure_latencies(manager, s.latency_tasks, until=cleanup)
+        deleted = await cleanup
+        seconds = time.perf_counter() - started
+    await manager.aclose()
+    return PgLatency(baseline, latencies, rate, deleted, seconds)
 
 
 async def ensure_latencies(
@@ -1270,7 +1938,13 @@ async def scenario_memory(ctx: Context) -> None:
             f"sessionstore: Python heap held after gc (tracemalloc; {attributed:,.0f} B of it "
             "allocated under sessionstore frames); raw holds nothing in memory "
             f"(on disk: {disk:,.0f} B/session incl. indexes); redis: used_memory delta, "
-            "SET EX",
+            "SET EX"
+            + (
+                "; PostgreSQL: not measured (the cache is the same Python code whatever the "
+                "database)"
+                if ctx.pg is not None
+                else ""
+            ),
         )
     )
     ctx.target(
@@ -1357,6 +2031,53 @@ async def connect_redis(ctx: Context) -> None:
     )
 
 
+async def connect_pg(ctx: Context, pg: PgSide) -> None:
+    """Create the run's PostgreSQL database if a server answers; otherwise note why not.
+
+    ``ctx.pg`` is set only once the database exists and is migrated; ``pg`` is kept by
+    the caller either way, so that a database created before a failure is dropped.
+    """
+    where = pg.server.render_as_string(hide_password=True)
+    try:
+        async with asyncio.timeout(10.0):
+            await pg.create()
+    except (OSError, TimeoutError) as exc:
+        ctx.pg_note = f"no PostgreSQL server answers on {where}: {type(exc).__name__}: {exc}"
+        return
+    except Exception as exc:
+        ctx.pg_note = f"cannot use PostgreSQL on {where}: {type(exc).__name__}: {exc}"
+        return
+    ctx.pg = pg
+    durable = pg.info["fsync"] == "on" and pg.info["synchronous_commit"] in ("on", "remote_apply")
+    ctx.pg_note = (
+        f"PostgreSQL {pg.info['version']} on {pg.server.host}:{pg.server.port or 5432} via "
+        f"asyncpg {asyncpg.__version__}, database {pg.name} (created for this run, dropped "
+        f"after); fsync={pg.info['fsync']}, synchronous_commit={pg.info['synchronous_commit']}"
+        + (", so commits are durable on return" if durable else ", so commits are NOT durable")
+        + f"; shared_buffers={pg.info['shared_buffers']}; the server is shared (other "
+        "processes' tests may be running on it)"
+    )
+
+
+def pg_side(args: argparse.Namespace) -> tuple[PgSide | None, str]:
+    """The PostgreSQL contender to try, or why there is none."""
+    if args.no_postgres:
+        return None, "--no-postgres"
+    if asyncpg is None:
+        return None, "asyncpg is not installed (pip install -e '.[postgres]')"
+    text = os.environ.get("SESSIONSTORE_BENCH_POSTGRES_URL") or DEFAULT_POSTGRES_URL
+    try:
+        server = make_url(text)
+    except Exception as exc:
+        return None, f"SESSIONSTORE_BENCH_POSTGRES_URL does not parse: {exc}"
+    if server.get_backend_name() != "postgresql":
+        return (
+            None,
+            f"SESSIONSTORE_BENCH_POSTGRES_URL is not a PostgreSQL URL ({server.drivername})",
+        )
+    return PgSide(server), ""
+
+
 def _redis_version() -> str:
     import redis
 
@@ -1389,25 +2110,40 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         metavar="NAME=VALUE",
         help="a SessionManager setting for every manager (e.g. cleanup_chunk_rows=500)",
     )
+    parser.add_argument(
+        "--no-postgres",
+        action="store_true",
+        help="skip the sessionstore-on-PostgreSQL column (SESSIONSTORE_BENCH_POSTGRES_URL)",
+    )
     return parser.parse_args(argv)
 
 
-async def run(args: argparse.Namespace) -> int:
-    """Run the chosen scenarios; 0 unless one crashed."""
+async def run(args: argparse.Namespace, pg: PgSide | None) -> int:
+    """Run the chosen scenarios; 0 unless one crashed.
+
+    ``pg`` (when not ``None``) is where the run's PostgreSQL database is created; it is
+    dropped here on the way out, and again by :func:`main` should this not finish.
+    """
     started = time.perf_counter()
     root = Path(tempfile.mkdtemp(prefix="sessionstore-bench-"))
     OVERRIDES.update(args.set)
     ctx = Context(args, root)
+    ctx.extra["load_start"] = " / ".join(f"{x:.2f}" for x in os.getloadavg())
     failed: list[str] = []
     try:
         await connect_redis(ctx)
+        if pg is not None:
+            await connect_pg(ctx, pg)
+        else:
+            ctx.pg_note = args.pg_skip
         print(
             f"sessionstore {sessionstore.__version__}, Python {platform.python_version()}, "
-            f"SQLite {sqlite3.sqlite_version}, {os.cpu_count()} CPUs; "
-            f"{'quick' if ctx.quick else 'full'} run; databases in {root}"
-            + (f"; settings {OVERRIDES}" if OVERRIDES else "")
+            f"SQLite {sqlite3.sqlite_version}, {os.cpu_count()} CPUs, load average "
+            f"{ctx.extra['load_start']}; {'quick' if ctx.quick else 'full'} run; "
+            f"databases in {root}" + (f"; settings {OVERRIDES}" if OVERRIDES else "")
         )
         print(f"Redis: {ctx.redis_note}" if ctx.redis else f"Redis: skipped - {ctx.redis_note}")
+        print(f"PostgreSQL: {ctx.pg_note}" if ctx.pg else f"PostgreSQL: skipped - {ctx.pg_note}")
         print(HEADER)
         for name in args.scenario or SCENARIOS:
             try:
@@ -1416,6 +2152,7 @@ async def run(args: argparse.Namespace) -> int:
                 failed.append(name)
                 print(f"!!! scenario {name} failed:", file=sys.stderr)
                 traceback.print_exc()
+        failed += [f"{name} (PostgreSQL part)" for name in ctx.pg_failed]
         wall = time.perf_counter() - started
         print_summary(ctx, wall)
         if failed:
@@ -1427,6 +2164,11 @@ async def run(args: argparse.Namespace) -> int:
             with contextlib.suppress(Exception):
                 await ctx.redis.delete_all_ours()
             await ctx.redis.client.aclose()
+        if pg is not None and pg.created:
+            try:
+                await pg.drop()
+            except Exception as exc:  # main() tries again on a fresh event loop
+                print(f"dropping PostgreSQL database {pg.name} failed: {exc}", file=sys.stderr)
         shutil.rmtree(root, ignore_errors=True)
     return 1 if failed else 0
 
@@ -1443,21 +2185,52 @@ def write_json(path: Path, ctx: Context, wall: float, failed: list[str]) -> None
             "sizes": asdict(ctx.sizes),
             "redis": ctx.redis.info if ctx.redis else None,
             "redis_note": ctx.redis_note,
+            "postgres": ctx.pg.info if ctx.pg else None,
+            "postgres_note": ctx.pg_note,
+            "load_start": ctx.extra.get("load_start"),
+            "load_end": " / ".join(f"{x:.2f}" for x in os.getloadavg()),
             "settings": OVERRIDES,
             "wall_seconds": wall,
             "failed": failed,
         },
-        "rows": [{**asdict(r), "ss_raw": r.ss_raw, "ss_redis": r.ss_redis} for r in ctx.rows],
+        "rows": [
+            {**asdict(r), "ss_raw": r.ss_raw, "ss_redis": r.ss_redis, "pg_ss": r.pg_ss}
+            for r in ctx.rows
+        ],
         "targets": [{**asdict(t), "status": t.status} for t in ctx.targets],
         "extra": ctx.extra,
     }
     path.write_text(json.dumps(doc, indent=2) + "\n")
 
 
+def _terminate(signum: int, _frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point."""
+    """Entry point: run, and make sure the run's PostgreSQL database is dropped."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    return asyncio.run(run(parse_args(argv)))
+    args = parse_args(argv)
+    pg, args.pg_skip = pg_side(args)
+    previous = signal.signal(signal.SIGTERM, _terminate)  # SIGTERM cleans up like Ctrl-C
+    try:
+        return asyncio.run(run(args, pg))
+    except KeyboardInterrupt as exc:
+        print(f"\ninterrupted ({exc or 'Ctrl-C'}): no results", file=sys.stderr)
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        if pg is not None and pg.created:  # run() was interrupted before it dropped it
+            pg.conn = None  # belonged to the finished event loop; the server closes it
+            try:
+                asyncio.run(pg.drop())
+                print(f"dropped PostgreSQL database {pg.name}", file=sys.stderr)
+            except Exception as exc:
+                print(
+                    f"could not drop PostgreSQL database {pg.name} ({exc}); drop it with: "
+                    f'DROP DATABASE "{pg.name}" WITH (FORCE)',
+                    file=sys.stderr,
+                )
 
 
 if __name__ == "__main__":
