@@ -190,6 +190,12 @@ def fake_ids(n: int, seed: int) -> list[str]:
     return [base64.urlsafe_b64encode(rng.randbytes(16)).rstrip(b"=").decode() for _ in range(n)]
 
 
+def new_rows(count: int) -> list[tuple[str, float, float, str]]:
+    """INSERT parameters of ``count`` new sessions, stamped now, each one's data serialized."""
+    now = time.time()
+    return [(new_id(), now, now, json.dumps(DATA, separators=(",", ":"))) for _ in range(count)]
+
+
 @functools.lru_cache(maxsize=4)
 def shared_ids(n: int, seed: int) -> tuple[str, ...]:
     """:func:`fake_ids`, made once per run (the big SQLite and PostgreSQL tables share them)."""
@@ -224,6 +230,11 @@ def make_manager(database: Path | str, clock: Clock, **options: Any) -> SessionM
     }
     opts.update(options)
     return SessionManager(str(database), clock=clock, **opts)
+
+
+def profile_name(database: Path | str, name: str) -> str:
+    """The ``--profile`` name of a sessionstore measurement: ``pg_`` first on PostgreSQL."""
+    return name if isinstance(database, Path) else f"pg_{name}"
 
 
 def parse_setting(text: str) -> tuple[str, Any]:
@@ -538,11 +549,7 @@ class PgSide:
         start = time.perf_counter()
         deadline = start + duration
         while time.perf_counter() < deadline:
-            now = time.time()
-            rows = [
-                (new_id(), now, now, json.dumps(DATA, separators=(",", ":")))
-                for _ in range(per_txn)
-            ]
+            rows = new_rows(per_txn)
             async with conn.transaction():
                 if per_txn == 1:
                     await conn.execute(sql, *rows[0])
@@ -640,6 +647,13 @@ class Context:
         path = self.path(name)
         shutil.copyfile(self._template, path)
         return path
+
+    async def live_db(self, name: str, seed: int) -> tuple[Path, list[str]]:
+        """A fresh database of ``sizes.live`` sessions, all last active at BASE; their ids."""
+        ids = fake_ids(self.sizes.live, seed)
+        path = await self.fresh_db(name)
+        populate(path, ids, lambda _i: BASE)
+        return path, ids
 
     async def big(self) -> tuple[Path, Sequence[str]]:
         """The big database (``sizes.big`` rows, last_activity BASE+i), built once."""
@@ -801,19 +815,7 @@ async def scenario_create(ctx: Context) -> None:
     s = ctx.sizes
     figures: dict[int, tuple[float, float, float | None, float | None, float | None]] = {}
     for tasks in (1, s.tasks):
-        path = await ctx.fresh_db(f"create-ss-{tasks}.db")
-        manager = make_manager(path, Clock(BASE))
-        await manager.start()
-        await manager.ensure(data=DATA)
-
-        async def op(_k: int, _i: int, manager: SessionManager = manager) -> None:
-            await manager.ensure(data=DATA)
-
-        with ctx.profiled(f"create_{tasks}"):
-            ss = await throughput(tasks, s.duration, op)
-        transactions = getattr(getattr(manager, "_writer", None), "transactions", 0)
-        await manager.aclose()
-
+        ss, transactions = await ss_create(ctx, await ctx.fresh_db(f"create-ss-{tasks}.db"), tasks)
         raw = raw_create(await ctx.fresh_db(f"create-raw-{tasks}.db"), tasks, s.duration)
         rd = await redis_set_throughput(ctx, tasks, s.duration) if ctx.redis else None
         on_pg = await ctx.on_pg("create", functools.partial(pg_create, ctx, tasks))
@@ -878,47 +880,81 @@ async def scenario_create(ctx: Context) -> None:
         )
 
 
-async def pg_create(ctx: Context, tasks: int, pg: PgSide) -> tuple[float, int, float]:
-    """ensure() of new sessions on PostgreSQL from ``tasks`` tasks.
+async def ss_create(ctx: Context, database: Path | str, tasks: int) -> tuple[float, int]:
+    """ensure() of new sessions from ``tasks`` tasks: (ops/s, write transactions used).
 
-    Returns (ops/s, transactions, raw asyncpg INSERTs/s with ``tasks`` a transaction).
+    ``database`` is an empty migrated SQLite file or the PostgreSQL URL.
     """
-    await pg.load([], lambda _i: BASE)
-    manager = make_manager(pg.url, Clock(BASE))
+    manager = make_manager(database, Clock(BASE))
     await manager.start()
     await manager.ensure(data=DATA)
 
     async def op(_k: int, _i: int) -> None:
         await manager.ensure(data=DATA)
 
-    with ctx.profiled(f"pg_create_{tasks}"):
+    with ctx.profiled(profile_name(database, f"create_{tasks}")):
         rate = await throughput(tasks, ctx.sizes.duration, op)
     transactions = getattr(getattr(manager, "_writer", None), "transactions", 0)
     await manager.aclose()
+    return rate, int(transactions)
+
+
+async def pg_create(ctx: Context, tasks: int, pg: PgSide) -> tuple[float, int, float]:
+    """:func:`ss_create` on PostgreSQL, then the raw asyncpg INSERTs.
+
+    Returns (ops/s, transactions, raw asyncpg INSERTs/s with ``tasks`` a transaction).
+    """
+    await pg.load([], lambda _i: BASE)
+    rate, transactions = await ss_create(ctx, pg.url, tasks)
     raw = await pg.raw_create(tasks, ctx.sizes.duration)
-    return rate, int(transactions), raw
+    return rate, transactions, raw
 
 
-def raw_create(path: Path, per_txn: int, duration: float) -> float:
-    """INSERTs of new sessions, ``per_txn`` rows a transaction; rows/s."""
+def raw_rate(
+    path: Path, per_step: int, duration: float, step: Callable[[sqlite3.Connection, int], None]
+) -> float:
+    """``step(conn, n)`` again and again for ``duration`` seconds on one stdlib connection.
+
+    Each step handles ``per_step`` rows, ``n`` having been handled before it; rows/s.
+    """
     conn = raw_connect(path)
     try:
         n = 0
         start = time.perf_counter()
         deadline = start + duration
         while time.perf_counter() < deadline:
-            now = time.time()
-            rows = [
-                (new_id(), now, now, json.dumps(DATA, separators=(",", ":")))
-                for _ in range(per_txn)
-            ]
-            conn.execute("BEGIN IMMEDIATE")
-            conn.executemany(INSERT_SQL, rows)
-            conn.execute("COMMIT")
-            n += per_txn
+            step(conn, n)
+            n += per_step
         return n / (time.perf_counter() - start)
     finally:
         conn.close()
+
+
+def raw_write_rate(
+    path: Path,
+    sql: str,
+    batch: Callable[[int], Sequence[tuple[Any, ...]]],
+    per_txn: int,
+    duration: float,
+) -> float:
+    """``executemany(sql, batch(n))`` + COMMIT for ``duration`` seconds; rows/s.
+
+    ``batch(n)`` gives the ``per_txn`` rows of the next transaction, ``n`` rows having
+    been written so far.
+    """
+
+    def write(conn: sqlite3.Connection, n: int) -> None:
+        rows = batch(n)
+        conn.execute("BEGIN IMMEDIATE")
+        conn.executemany(sql, rows)
+        conn.execute("COMMIT")
+
+    return raw_rate(path, per_txn, duration, write)
+
+
+def raw_create(path: Path, per_txn: int, duration: float) -> float:
+    """INSERTs of new sessions, ``per_txn`` rows a transaction; rows/s."""
+    return raw_write_rate(path, INSERT_SQL, lambda _n: new_rows(per_txn), per_txn, duration)
 
 
 async def redis_set_throughput(ctx: Context, tasks: int, duration: float) -> float:
@@ -944,50 +980,18 @@ async def scenario_touch(ctx: Context) -> None:
     """update_activity on live sessions from 256 tasks, and the flush's write rate."""
     s = ctx.sizes
     n = s.live
-    ids = fake_ids(n, seed=2)
-    path = await ctx.fresh_db("touch.db")
-    populate(path, ids, lambda _i: BASE)
-    clock = Clock(BASE + 1)
-
-    manager = make_manager(path, clock)
-    await manager.start()
-    for sid in ids:  # the daemon holds its live sessions; load them (untimed)
-        await manager.get(sid)
-
-    async def op(k: int, i: int) -> None:
-        await manager.update_activity(ids[(i * s.tasks + k) % n])
-
-    with ctx.profiled("touch"):
-        ss = await throughput(s.tasks, s.duration, op)
-    await manager.aclose()
-
-    # The flush: a restarted manager that never flushes on its own holds N pending
-    # touches; the next write transaction carries them all (one executemany), so an
-    # ensure() of a new session returns once they are committed. aclose() is timed too.
-    manager = make_manager(path, clock, flush_interval_secs=3600.0)
-    await manager.start()
-    for sid in ids:
-        await manager.get(sid)
-    await manager.ensure(data=DATA)  # warm the insert path
-    clock.now += 1
-    for sid in ids:
-        await manager.update_activity(sid)
-    with ctx.profiled("flush"):
-        started = time.perf_counter()
-        await manager.ensure(data=DATA)
-        flush_seconds = time.perf_counter() - started
+    path, ids = await ctx.live_db("touch.db", seed=2)
+    touched = await ss_touch(ctx, path, ids, load_tasks=1)
+    ss, flush_seconds = touched.rate, touched.flush_seconds
     ss_flush = n / flush_seconds
-    started = time.perf_counter()
-    await manager.aclose()
-    close_seconds = time.perf_counter() - started
     check = sqlite3.connect(path)
     persisted = check.execute(
-        "SELECT count(*) FROM sessions WHERE last_activity = ?", (clock.now,)
+        "SELECT count(*) FROM sessions WHERE last_activity = ?", (touched.flushed_at,)
     ).fetchone()[0]
     check.close()
 
     raw_touch = raw_touch_rate(path, ids, s.tasks, s.duration)
-    raw_flush = raw_flush_rate(path, ids, clock.now + 1)
+    raw_flush = raw_flush_rate(path, ids, touched.flushed_at + 1)
     on_pg = await ctx.on_pg("touch", functools.partial(pg_touch, ctx, ids))
     pg, pg_flush, pg_raw_flush, pg_note = on_pg or (None, None, None, "")
     rd = None
@@ -1022,7 +1026,8 @@ async def scenario_touch(ctx: Context) -> None:
             raw_flush,
             None,
             f"sessionstore: ensure() with {n:,} touches pending took {flush_seconds * 1e3:.1f} ms "
-            f"({persisted:,}/{n:,} persisted; aclose() after {close_seconds * 1e3:.0f} ms); "
+            f"({persisted:,}/{n:,} persisted; aclose() after "
+            f"{touched.close_seconds * 1e3:.0f} ms); "
             f"raw: one executemany of {n:,} UPDATEs + COMMIT" + pg_note,
             pg=pg_flush,
         )
@@ -1062,67 +1067,85 @@ async def scenario_touch(ctx: Context) -> None:
         )
 
 
-async def pg_touch(ctx: Context, ids: Sequence[str], pg: PgSide) -> tuple[float, float, float, str]:
-    """update_activity and the flush on PostgreSQL.
+@dataclass
+class Touched:
+    """What :func:`ss_touch` measured."""
 
-    Returns (touches/s, flushed rows/s, raw asyncpg executemany rows/s, note).
+    rate: float  # update_activity() calls/s on held sessions
+    flush_seconds: float  # the ensure() whose transaction carried every pending touch
+    close_seconds: float  # aclose() right after it
+    flushed_at: float  # the last_activity those flushed touches wrote
+
+
+async def ss_touch(
+    ctx: Context, database: Path | str, ids: Sequence[str], *, load_tasks: int
+) -> Touched:
+    """update_activity on live sessions from 256 tasks, then the flush of one per session.
+
+    ``database`` (a SQLite file or the PostgreSQL URL) holds ``ids`` with
+    last_activity BASE; each manager first gets them all (untimed) from ``load_tasks``
+    tasks, as a daemon holds its live sessions.
     """
     s = ctx.sizes
     n = len(ids)
-    await pg.load(ids, lambda _i: BASE)
     clock = Clock(BASE + 1)
-    manager = make_manager(pg.url, clock)
+    manager = make_manager(database, clock)
     await manager.start()
-    await fixed_work(s.tasks, ids, manager.get)  # load the live sessions (untimed)
+    await fixed_work(load_tasks, ids, manager.get)
 
     async def op(k: int, i: int) -> None:
         await manager.update_activity(ids[(i * s.tasks + k) % n])
 
-    with ctx.profiled("pg_touch"):
+    with ctx.profiled(profile_name(database, "touch")):
         rate = await throughput(s.tasks, s.duration, op)
     await manager.aclose()
 
-    manager = make_manager(pg.url, clock, flush_interval_secs=3600.0)
+    # The flush: a restarted manager that never flushes on its own holds N pending
+    # touches; the next write transaction carries them all (one executemany), so an
+    # ensure() of a new session returns once they are committed. aclose() is timed too.
+    manager = make_manager(database, clock, flush_interval_secs=3600.0)
     await manager.start()
-    await fixed_work(s.tasks, ids, manager.get)
-    await manager.ensure(data=DATA)
+    await fixed_work(load_tasks, ids, manager.get)
+    await manager.ensure(data=DATA)  # warm the insert path
     clock.now += 1
     for sid in ids:
         await manager.update_activity(sid)
-    with ctx.profiled("pg_flush"):
+    with ctx.profiled(profile_name(database, "flush")):
         started = time.perf_counter()
         await manager.ensure(data=DATA)
-        seconds = time.perf_counter() - started
+        flush_seconds = time.perf_counter() - started
     started = time.perf_counter()
     await manager.aclose()
-    close_seconds = time.perf_counter() - started
-    persisted = await pg.count_at(clock.now)
-    many, unnest = await pg.raw_flush(ids, clock.now + 1)
+    return Touched(rate, flush_seconds, time.perf_counter() - started, clock.now)
+
+
+async def pg_touch(ctx: Context, ids: Sequence[str], pg: PgSide) -> tuple[float, float, float, str]:
+    """:func:`ss_touch` on PostgreSQL, then the raw asyncpg flush.
+
+    Returns (touches/s, flushed rows/s, raw asyncpg executemany rows/s, note).
+    """
+    n = len(ids)
+    await pg.load(ids, lambda _i: BASE)
+    touched = await ss_touch(ctx, pg.url, ids, load_tasks=ctx.sizes.tasks)
+    persisted = await pg.count_at(touched.flushed_at)
+    many, unnest = await pg.raw_flush(ids, touched.flushed_at + 1)
     note = (
-        f"; on PostgreSQL the ensure() took {seconds * 1e3:.1f} ms ({persisted:,}/{n:,} "
-        f"persisted; aclose() after {close_seconds * 1e3:.0f} ms), raw asyncpg: "
-        f"executemany {many:,.0f} rows/s, one UPDATE ... FROM unnest {unnest:,.0f} rows/s"
+        f"; on PostgreSQL the ensure() took {touched.flush_seconds * 1e3:.1f} ms "
+        f"({persisted:,}/{n:,} persisted; aclose() after "
+        f"{touched.close_seconds * 1e3:.0f} ms), raw asyncpg: executemany {many:,.0f} rows/s, "
+        f"one UPDATE ... FROM unnest {unnest:,.0f} rows/s"
     )
-    return rate, n / seconds, many, note
+    return touched.rate, n / touched.flush_seconds, many, note
 
 
 def raw_touch_rate(path: Path, ids: Sequence[str], per_txn: int, duration: float) -> float:
     """UPDATE last_activity, ``per_txn`` touches a transaction; touches/s."""
-    conn = raw_connect(path)
-    try:
-        n = 0
-        start = time.perf_counter()
-        deadline = start + duration
-        while time.perf_counter() < deadline:
-            now = time.time()
-            params = [(now, ids[(n + j) % len(ids)]) for j in range(per_txn)]
-            conn.execute("BEGIN IMMEDIATE")
-            conn.executemany(TOUCH_SQL, params)
-            conn.execute("COMMIT")
-            n += per_txn
-        return n / (time.perf_counter() - start)
-    finally:
-        conn.close()
+
+    def touches(n: int) -> list[tuple[float, str]]:
+        now = time.time()
+        return [(now, ids[(n + j) % len(ids)]) for j in range(per_txn)]
+
+    return raw_write_rate(path, TOUCH_SQL, touches, per_txn, duration)
 
 
 def raw_flush_rate(path: Path, ids: Sequence[str], now: float) -> float:
@@ -1145,29 +1168,8 @@ async def scenario_get(ctx: Context) -> None:
     """get() of live sessions from 256 tasks: first get after a restart, then cached."""
     s = ctx.sizes
     n = s.live
-    ids = fake_ids(n, seed=3)
-    path = await ctx.fresh_db("get.db")
-    populate(path, ids, lambda _i: BASE)
-    clock = Clock(BASE + 1)
-    manager = make_manager(path, clock)
-    await manager.start()
-    missing = 0
-
-    async def cold(sid: str) -> None:
-        nonlocal missing
-        if await manager.get(sid) is None:
-            missing += 1
-
-    with ctx.profiled("get_cold"):
-        ss_cold = await fixed_work(s.tasks, ids, cold)
-
-    async def op(k: int, i: int) -> None:
-        await manager.get(ids[(i * s.tasks + k) % n])
-
-    with ctx.profiled("get_cached"):
-        ss = await throughput(s.tasks, s.duration, op)
-    await manager.aclose()
-
+    path, ids = await ctx.live_db("get.db", seed=3)
+    ss_cold, ss, missing = await ss_get(ctx, path, ids)
     raw = raw_get_rate(path, ids, s.tasks, s.duration)
     on_pg = await ctx.on_pg("get", functools.partial(pg_get, ctx, ids))
     pg_cold, pg, pg_missing = on_pg or (None, None, 0)
@@ -1219,12 +1221,17 @@ async def scenario_get(ctx: Context) -> None:
         )
 
 
-async def pg_get(ctx: Context, ids: Sequence[str], pg: PgSide) -> tuple[float, float, int]:
-    """get() on PostgreSQL: (first gets/s, held gets/s, sessions not found)."""
+async def ss_get(
+    ctx: Context, database: Path | str, ids: Sequence[str]
+) -> tuple[float, float, int]:
+    """get() from 256 tasks: (first gets/s, held gets/s, sessions not found).
+
+    ``database`` (a SQLite file or the PostgreSQL URL) holds ``ids`` with
+    last_activity BASE.
+    """
     s = ctx.sizes
     n = len(ids)
-    await pg.load(ids, lambda _i: BASE)
-    manager = make_manager(pg.url, Clock(BASE + 1))
+    manager = make_manager(database, Clock(BASE + 1))
     await manager.start()
     missing = 0
 
@@ -1233,35 +1240,35 @@ async def pg_get(ctx: Context, ids: Sequence[str], pg: PgSide) -> tuple[float, f
         if await manager.get(sid) is None:
             missing += 1
 
-    with ctx.profiled("pg_get_cold"):
+    with ctx.profiled(profile_name(database, "get_cold")):
         first = await fixed_work(s.tasks, ids, cold)
 
     async def op(k: int, i: int) -> None:
         await manager.get(ids[(i * s.tasks + k) % n])
 
-    with ctx.profiled("pg_get_cached"):
+    with ctx.profiled(profile_name(database, "get_cached")):
         held = await throughput(s.tasks, s.duration, op)
     await manager.aclose()
     return first, held, missing
+
+
+async def pg_get(ctx: Context, ids: Sequence[str], pg: PgSide) -> tuple[float, float, int]:
+    """:func:`ss_get` on PostgreSQL."""
+    await pg.load(ids, lambda _i: BASE)
+    return await ss_get(ctx, pg.url, ids)
 
 
 def raw_get_rate(path: Path, ids: Sequence[str], batch: int, duration: float) -> float:
     """SELECT by id, ``batch`` ids an IN-list (the batched limit); gets/s."""
     marks = ",".join("?" * batch)  # placeholders only: no value is formatted into SQL
     sql = f"SELECT {COLUMNS} FROM sessions WHERE session_id IN ({marks})"  # noqa: S608
-    conn = raw_connect(path)
-    try:
-        n = 0
-        start = time.perf_counter()
-        deadline = start + duration
-        while time.perf_counter() < deadline:
-            chunk = [ids[(n + j) % len(ids)] for j in range(batch)]
-            for row in conn.execute(sql, chunk):
-                json.loads(row[3])
-            n += batch
-        return n / (time.perf_counter() - start)
-    finally:
-        conn.close()
+
+    def select(conn: sqlite3.Connection, n: int) -> None:
+        chunk = [ids[(n + j) % len(ids)] for j in range(batch)]
+        for row in conn.execute(sql, chunk):
+            json.loads(row[3])
+
+    return raw_rate(path, batch, duration, select)
 
 
 # ----- 4. cleanup -----
@@ -1278,20 +1285,8 @@ async def scenario_cleanup(ctx: Context) -> None:
     now, later = clock_for(n, 0.01), clock_for(n, 0.011)
 
     path, _ids = await ctx.big_copy("cleanup-ss.db")
-    clock = Clock(now)
-    manager = make_manager(path, clock, background_tasks=False)
-    await manager.start()
-    await manager.recovered()  # start-up counts run after ready: not part of the cleanup
-    with ctx.profiled("cleanup_1pct"):
-        started = time.perf_counter()
-        deleted = await manager.cleanup_stale_sessions()
-        ss = time.perf_counter() - started
-    clock.now = later
-    started = time.perf_counter()
-    deleted_more = await manager.cleanup_stale_sessions()
-    ss_more = time.perf_counter() - started
-    chunk = manager.settings.cleanup_chunk_rows
-    await manager.aclose()
+    cleaned = await ss_cleanup(ctx, path)
+    ss, ss_more = cleaned.seconds, cleaned.seconds_more
     path.unlink()
 
     path, _ids = await ctx.big_copy("cleanup-raw.db")
@@ -1318,7 +1313,7 @@ async def scenario_cleanup(ctx: Context) -> None:
     pg_note = ""
     if pg is not None:
         pg_note = (
-            f"; on PostgreSQL: deleted {pg.deleted:,}; one DELETE + COMMIT "
+            f"; on PostgreSQL: deleted {pg.ss.deleted:,}; one DELETE + COMMIT "
             f"{pg.raw * 1e3:.1f} ms by the index, {pg.scan * 1e3:.1f} ms by a sequential scan"
         )
 
@@ -1330,10 +1325,10 @@ async def scenario_cleanup(ctx: Context) -> None:
             ss * 1e3,
             raw * 1e3,
             None,
-            f"sessionstore: cleanup_stale_sessions() deleted {deleted:,} in chunks of "
-            f"{chunk:,}; raw: one DELETE ({raw_deleted:,} rows) + COMMIT; "
+            f"sessionstore: cleanup_stale_sessions() deleted {cleaned.deleted:,} in chunks "
+            f"of {cleaned.chunk:,}; raw: one DELETE ({raw_deleted:,} rows) + COMMIT; "
             "redis: n/a (expires keys itself)" + pg_note,
-            pg=None if pg is None else pg.ss * 1e3,
+            pg=None if pg is None else pg.ss.seconds * 1e3,
         )
     )
     ctx.add(
@@ -1355,11 +1350,12 @@ async def scenario_cleanup(ctx: Context) -> None:
             ss_more * 1e3,
             raw_more * 1e3,
             None,
-            f"sessionstore deleted {deleted_more:,}; unindexed: {unindexed_more * 1e3:.1f} ms "
+            f"sessionstore deleted {cleaned.deleted_more:,}; "
+            f"unindexed: {unindexed_more * 1e3:.1f} ms "
             f"(sessionstore / unindexed = {ss_more / unindexed_more:.2f}, "
             f"raw indexed / unindexed = {raw_more / unindexed_more:.2f})"
-            + ("" if pg is None else f"; on PostgreSQL deleted {pg.deleted_more:,}"),
-            pg=None if pg is None else pg.ss_more * 1e3,
+            + ("" if pg is None else f"; on PostgreSQL deleted {pg.ss.deleted_more:,}"),
+            pg=None if pg is None else pg.ss.seconds_more * 1e3,
         )
     )
     ctx.add(
@@ -1388,13 +1384,13 @@ async def scenario_cleanup(ctx: Context) -> None:
         ctx.target(
             Target(
                 "cleanup of 1%: ss on PG / PG DELETE by a sequential scan",
-                None if pg is None else pg.ss / pg.scan,
+                None if pg is None else pg.ss.seconds / pg.scan,
                 "<=",
                 0.25,
                 "x",
                 ""
                 if pg is None
-                else f"{pg.ss * 1e3:.1f} ms vs {pg.scan * 1e3:.1f} ms; one DELETE by the "
+                else f"{pg.ss.seconds * 1e3:.1f} ms vs {pg.scan * 1e3:.1f} ms; one DELETE by the "
                 f"index is {pg.raw / pg.scan:.2f}x",
                 backend="postgresql",
             )
@@ -1402,45 +1398,65 @@ async def scenario_cleanup(ctx: Context) -> None:
 
 
 @dataclass
+class Cleaned:
+    """What :func:`ss_cleanup` measured."""
+
+    seconds: float  # cleanup_stale_sessions() of the first 1%
+    deleted: int
+    seconds_more: float  # then of the next 0.1%
+    deleted_more: int
+    chunk: int  # the manager's cleanup_chunk_rows
+
+
+async def ss_cleanup(ctx: Context, database: Path | str) -> Cleaned:
+    """cleanup_stale_sessions() of 1%, then 0.1%, of the big table.
+
+    ``database`` is a copy of the big SQLite database or the PostgreSQL URL with the
+    big table loaded.
+    """
+    n = ctx.sizes.big
+    clock = Clock(clock_for(n, 0.01))
+    manager = make_manager(database, clock, background_tasks=False)
+    await manager.start()
+    await manager.recovered()  # start-up counts run after ready: not part of the cleanup
+    with ctx.profiled(profile_name(database, "cleanup_1pct")):
+        started = time.perf_counter()
+        deleted = await manager.cleanup_stale_sessions()
+        seconds = time.perf_counter() - started
+    clock.now = clock_for(n, 0.011)
+    started = time.perf_counter()
+    deleted_more = await manager.cleanup_stale_sessions()
+    seconds_more = time.perf_counter() - started
+    chunk = manager.settings.cleanup_chunk_rows
+    await manager.aclose()
+    return Cleaned(seconds, deleted, seconds_more, deleted_more, chunk)
+
+
+@dataclass
 class PgCleanup:
     """The cleanup figures on PostgreSQL (seconds)."""
 
-    ss: float
-    deleted: int
-    ss_more: float
-    deleted_more: int
+    ss: Cleaned
     raw: float  # one DELETE ... WHERE last_activity < $1 by the index, + COMMIT
     scan: float  # the same DELETE with index scans switched off
 
 
 async def pg_cleanup(ctx: Context, pg: PgSide) -> PgCleanup:
-    """cleanup_stale_sessions() of 1%, then 0.1%, of the big table on PostgreSQL.
+    """:func:`ss_cleanup` on PostgreSQL.
 
     Then the raw limit on the same server: one ``DELETE`` of the same 1%, by the index
     and by a sequential scan (the deleted rows are put back before each).
     """
     n = ctx.sizes.big
-    now, later = clock_for(n, 0.01), clock_for(n, 0.011)
+    cutoff = clock_for(n, 0.01) - TIMEOUT
     await pg.big(n)
-    clock = Clock(now)
-    manager = make_manager(pg.url, clock, background_tasks=False)
-    await manager.start()
-    await manager.recovered()  # start-up counts run after ready: not part of the cleanup
-    with ctx.profiled("pg_cleanup_1pct"):
-        started = time.perf_counter()
-        deleted = await manager.cleanup_stale_sessions()
-        seconds = time.perf_counter() - started
-    clock.now = later
-    started = time.perf_counter()
-    deleted_more = await manager.cleanup_stale_sessions()
-    seconds_more = time.perf_counter() - started
-    await manager.aclose()
+    cleaned = await ss_cleanup(ctx, pg.url)
     await pg.big(n)
-    raw, _ = await pg.delete_once(now - TIMEOUT, indexed=True)
+    raw, _ = await pg.delete_once(cutoff, indexed=True)
     await pg.big(n)
-    scan, _ = await pg.delete_once(now - TIMEOUT, indexed=False)
+    scan, _ = await pg.delete_once(cutoff, indexed=False)
     await pg.big(n)
-    return PgCleanup(seconds, deleted, seconds_more, deleted_more, raw, scan)
+    return PgCleanup(cleaned, raw, scan)
 
 
 def raw_count_expired(path: Path, cutoff: float, *, indexed: bool) -> float:
@@ -1494,23 +1510,17 @@ async def scenario_restart(ctx: Context) -> None:
 
     results: dict[int, tuple[float, float]] = {}
     rows: list[Row] = []
+
+    async def copy(template: Path, n: int, rep: int) -> Path:
+        path = ctx.path(f"restart-{n}-{rep}.db")
+        shutil.copyfile(template, path)
+        return path
+
     for n, template, ids in ((s.small, small, small_ids), (s.big, big, big_ids)):
-        clock = Clock(clock_for(n, 0.5))
-        times: list[float] = []
-        closes: list[float] = []
-        recovery = ""
-        for rep in range(s.repeats):
-            path = ctx.path(f"restart-{n}-{rep}.db")
-            shutil.copyfile(template, path)
-            with ctx.profiled(f"restart_{n}") if rep == 0 else contextlib.nullcontext():
-                seconds, close_seconds, report = await restart_once(path, clock, ids[-1])
-            path.unlink()
-            times.append(seconds)
-            closes.append(close_seconds)
-            recovery = recovery or report
-        raw = statistics.median(
-            raw_restart(template, clock.now - TIMEOUT, ids[-1]) for _ in range(s.repeats)
-        )
+        prepare = functools.partial(copy, template, n)
+        times, closes, recovery = await restart_series(ctx, n, prepare, ids[-1])
+        cutoff = clock_for(n, 0.5) - TIMEOUT
+        raw = statistics.median(raw_restart(template, cutoff, ids[-1]) for _ in range(s.repeats))
         rd = None
         if ctx.redis is not None:
             rd = statistics.median([await redis_restart(ctx) for _ in range(s.repeats)])
@@ -1584,27 +1594,54 @@ async def pg_restart(
     small_clock = Clock(clock_for(s.small, 0.5))
     await pg.load(small_ids, lambda i: BASE + i)
     await restart_once(pg.url, small_clock, small_ids[-1])  # warm up the PG code paths
+
+    async def load_small(_rep: int) -> str:
+        await pg.load(small_ids, lambda i: BASE + i)
+        return pg.url
+
+    async def restore_big(_rep: int) -> str:
+        await pg.big(s.big)
+        return pg.url
+
+    big_ids = shared_ids(s.big, seed=4)  # what pg.big() loads
     out: dict[int, tuple[float, str]] = {}
-    for n in (s.small, s.big):
-        clock = Clock(clock_for(n, 0.5))
-        times: list[float] = []
-        recovery = ""
-        for rep in range(s.repeats):
-            if n == s.small:
-                await pg.load(small_ids, lambda i: BASE + i)
-                live_id = small_ids[-1]
-            else:
-                live_id = (await pg.big(n))[-1]
-            with ctx.profiled(f"pg_restart_{n}") if rep == 0 else contextlib.nullcontext():
-                seconds, _close, report = await restart_once(pg.url, clock, live_id)
-            times.append(seconds)
-            recovery = recovery or report
+    for n, prepare, live_id in (
+        (s.small, load_small, small_ids[-1]),
+        (s.big, restore_big, big_ids[-1]),
+    ):
+        times, _closes, recovery = await restart_series(ctx, n, prepare, live_id)
         out[n] = (
             statistics.median(times),
             f"{', '.join(f'{t * 1e3:.1f}' for t in times)} ms ({recovery})",
         )
     await pg.big(s.big)  # put back what the last restart's cleanup deleted
     return out
+
+
+async def restart_series(
+    ctx: Context, n: int, prepare: Callable[[int], Awaitable[Path | str]], live_id: str
+) -> tuple[list[float], list[float], str]:
+    """``sizes.repeats`` restarts of a database of ``n`` rows, half expired.
+
+    ``prepare(rep)`` makes the database for measurement ``rep`` ready (a copy of a
+    SQLite file, deleted after the measurement, or the PostgreSQL URL with the table
+    refilled). Returns (seconds to ready, seconds to aclose after, the first recovery).
+    """
+    clock = Clock(clock_for(n, 0.5))
+    times: list[float] = []
+    closes: list[float] = []
+    recovery = ""
+    for rep in range(ctx.sizes.repeats):
+        database = await prepare(rep)
+        name = profile_name(database, f"restart_{n}")
+        with ctx.profiled(name) if rep == 0 else contextlib.nullcontext():
+            seconds, close_seconds, report = await restart_once(database, clock, live_id)
+        if isinstance(database, Path):
+            database.unlink()
+        times.append(seconds)
+        closes.append(close_seconds)
+        recovery = recovery or report
+    return times, closes, recovery
 
 
 async def restart_once(
@@ -1664,19 +1701,8 @@ async def scenario_latency(ctx: Context) -> None:
     half = n // 2
     now = clock_for(n, 0.5)
     path, _ids = await ctx.big_copy("latency-ss.db")
-    manager = make_manager(path, Clock(now), background_tasks=False)
-    await manager.start()
-    await manager.recovered()  # start-up counts run after ready: not in the baseline
-    chunk = manager.settings.cleanup_chunk_rows
-
-    base_lat, _ = await ensure_latencies(manager, s.latency_tasks, until=s.duration / 2)
-    with ctx.profiled("latency_cleanup"):
-        cleanup = asyncio.create_task(manager.cleanup_stale_sessions())
-        started = time.perf_counter()
-        lat, ops = await ensure_latencies(manager, s.latency_tasks, until=cleanup)
-        deleted = await cleanup
-        cleanup_seconds = time.perf_counter() - started
-    await manager.aclose()
+    ss = await ss_latency(ctx, path)
+    base_lat, lat, chunk = ss.baseline, ss.latencies, ss.chunk
     path.unlink()
 
     path, _ids = await ctx.big_copy("latency-raw.db")
@@ -1709,7 +1735,7 @@ async def scenario_latency(ctx: Context) -> None:
             ms(lat, 0.99),
             ms(raw_lat, 0.99),
             ms(rd_lat, 0.99),
-            f"{s.latency_tasks} tasks; sessionstore: {len(lat):,} ensures ({ops:,.0f}/s), "
+            f"{s.latency_tasks} tasks; sessionstore: {len(lat):,} ensures ({ss.rate:,.0f}/s), "
             f"p50 {ms(lat, 0.5):.2f} ms; without cleanup p99 {ms(base_lat, 0.99):.2f} ms, "
             f"max {ms(base_lat, 1.0):.2f} ms" + pg_note,
             pg=ms(pg_lat, 0.99),
@@ -1734,10 +1760,10 @@ async def scenario_latency(ctx: Context) -> None:
             "6c",
             f"that cleanup of {half:,} rows, total",
             "s",
-            cleanup_seconds,
+            ss.seconds,
             raw_seconds,
             rd_seconds,
-            f"sessionstore deleted {deleted:,} (chunks of {chunk:,}) while serving ensure()"
+            f"sessionstore deleted {ss.deleted:,} (chunks of {chunk:,}) while serving ensure()"
             + ("" if pg is None else f"; on PostgreSQL {pg.deleted:,}"),
             pg=None if pg is None else pg.seconds,
         )
@@ -1767,34 +1793,45 @@ async def scenario_latency(ctx: Context) -> None:
 
 
 @dataclass
-class PgLatency:
-    """ensure() latencies on PostgreSQL with and without the big cleanup running."""
+class Latency:
+    """ensure() latencies with and without the big cleanup running."""
 
-    baseline: list[float]
-    latencies: list[float]
-    rate: float
+    baseline: list[float]  # seconds, before the cleanup
+    latencies: list[float]  # seconds, while it runs
+    rate: float  # ensure()s/s while it runs
     deleted: int
-    seconds: float
+    seconds: float  # the whole cleanup
+    chunk: int  # the manager's cleanup_chunk_rows
 
 
-async def pg_latency(ctx: Context, pg: PgSide) -> PgLatency:
-    """The latency scenario on PostgreSQL: ensure() from 16 tasks during the cleanup."""
+async def ss_latency(ctx: Context, database: Path | str) -> Latency:
+    """ensure() from 16 tasks, then again while cleanup deletes half the big table.
+
+    ``database`` is a copy of the big SQLite database or the PostgreSQL URL with the
+    big table loaded.
+    """
     s = ctx.sizes
-    n = s.big
-    await pg.big(n)
-    manager = make_manager(pg.url, Clock(clock_for(n, 0.5)), background_tasks=False)
+    manager = make_manager(database, Clock(clock_for(s.big, 0.5)), background_tasks=False)
     await manager.start()
-    await manager.recovered()
-    pg.state = None  # the ensure()s below add rows
+    await manager.recovered()  # start-up counts run after ready: not in the baseline
+    chunk = manager.settings.cleanup_chunk_rows
+
     baseline, _ = await ensure_latencies(manager, s.latency_tasks, until=s.duration / 2)
-    with ctx.profiled("pg_latency_cleanup"):
+    with ctx.profiled(profile_name(database, "latency_cleanup")):
         cleanup = asyncio.create_task(manager.cleanup_stale_sessions())
         started = time.perf_counter()
         latencies, rate = await ensure_latencies(manager, s.latency_tasks, until=cleanup)
         deleted = await cleanup
         seconds = time.perf_counter() - started
     await manager.aclose()
-    return PgLatency(baseline, latencies, rate, deleted, seconds)
+    return Latency(baseline, latencies, rate, deleted, seconds, chunk)
+
+
+async def pg_latency(ctx: Context, pg: PgSide) -> Latency:
+    """:func:`ss_latency` on PostgreSQL."""
+    await pg.big(ctx.sizes.big)
+    pg.state = None  # the ensure()s add rows
+    return await ss_latency(ctx, pg.url)
 
 
 async def ensure_latencies(
