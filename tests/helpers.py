@@ -40,6 +40,17 @@ def _run(
     )
 
 
+def start_python(code: str, *args: str) -> subprocess.Popen[str]:
+    """Start a Python snippet as a real second process, its output piped as text."""
+    return subprocess.Popen(
+        [sys.executable, "-c", code, *args],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
 def run_python(
     code: str, *args: str, env: dict[str, str] | None = None, timeout: float = 60
 ) -> subprocess.CompletedProcess[str]:

@@ -5,13 +5,11 @@ from __future__ import annotations
 import asyncio
 import json
 import sqlite3
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
 from sessionstore import SessionManager
-from tests.helpers import REPO, run_cli
+from tests.helpers import run_cli, start_python
 
 _WRITER = textwrap.dedent(
     """
@@ -33,13 +31,7 @@ _WRITER = textwrap.dedent(
 
 
 def test_backup_while_writing_is_consistent_and_resumable(db_path: Path, tmp_path: Path) -> None:
-    writer = subprocess.Popen(
-        [sys.executable, "-c", _WRITER, str(db_path)],
-        cwd=REPO,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    writer = start_python(_WRITER, str(db_path))
     copy = tmp_path / "copy.db"
     try:
         assert writer.stdout is not None

@@ -14,14 +14,12 @@ import os
 import random
 import signal
 import sqlite3
-import subprocess
-import sys
 import textwrap
 import threading
 import time
 from pathlib import Path
 
-from tests.helpers import REPO
+from tests.helpers import start_python
 
 _CHILD = textwrap.dedent(
     """
@@ -50,13 +48,7 @@ _CHILD = textwrap.dedent(
 
 
 def _run_once(db: Path, rng: random.Random) -> dict[str, tuple[int, int]]:
-    child = subprocess.Popen(
-        [sys.executable, "-c", _CHILD, str(db)],
-        cwd=REPO,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    child = start_python(_CHILD, str(db))
     acked: dict[str, tuple[int, int]] = {}
     assert child.stdout is not None
     ready = child.stdout.readline().strip()

@@ -15,7 +15,7 @@ from sqlalchemy import Connection
 
 from sessionstore import SessionManager, UnknownRevisionError, migrate
 from sessionstore.store import SessionStore
-from tests.helpers import REPO, run_alembic, run_cli, run_python
+from tests.helpers import REPO, run_alembic, run_cli, run_python, start_python
 
 
 def _tables(path: Path) -> set[str]:
@@ -125,16 +125,7 @@ def test_three_processes_starting_at_once_migrate_once(db_path: Path) -> None:
         asyncio.run(main())
         """
     )
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-c", code, str(db_path), f"p{i}"],
-            cwd=REPO,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for i in range(3)
-    ]
+    procs = [start_python(code, str(db_path), f"p{i}") for i in range(3)]
     for p in procs:
         _, err = p.communicate(timeout=60)
         assert p.returncode == 0, err

@@ -7,8 +7,6 @@ import json
 import logging
 import os
 import signal
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -16,7 +14,7 @@ import pytest
 
 from sessionstore import SessionManager
 from tests.conftest import ManagerFactory
-from tests.helpers import REPO, ManualClock, wait_until
+from tests.helpers import ManualClock, start_python, wait_until
 
 pytestmark = pytest.mark.contract
 
@@ -103,13 +101,7 @@ _CHILD = textwrap.dedent(
 
 
 def test_session_survives_sigkill_right_after_ensure(db_path: Path) -> None:
-    child = subprocess.Popen(
-        [sys.executable, "-c", _CHILD, str(db_path)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        cwd=REPO,
-    )
+    child = start_python(_CHILD, str(db_path))
     try:
         assert child.stdout is not None
         line = child.stdout.readline()

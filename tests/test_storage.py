@@ -22,14 +22,20 @@ def _sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-async def test_text_file_is_refused_untouched(db_path: Path) -> None:
-    db_path.write_text("these are my notes, not a database\n" * 20)
+async def _refused_untouched(db_path: Path, error: type[Exception], match: str) -> str:
+    """Start a manager on the file: it must raise ``error`` naming the path, and write nothing."""
     before = _sha(db_path)
-    with pytest.raises(DatabaseCorruptError, match="not a SQLite database") as info:
+    with pytest.raises(error, match=match) as info:
         await SessionManager(str(db_path)).start()
     assert str(db_path) in str(info.value)
-    assert "\n" not in str(info.value)
     assert _sha(db_path) == before
+    return str(info.value)
+
+
+async def test_text_file_is_refused_untouched(db_path: Path) -> None:
+    db_path.write_text("these are my notes, not a database\n" * 20)
+    message = await _refused_untouched(db_path, DatabaseCorruptError, "not a SQLite database")
+    assert "\n" not in message
     assert sorted(p.name for p in db_path.parent.iterdir()) == [db_path.name]
 
 
@@ -38,11 +44,7 @@ async def test_foreign_sqlite_database_is_refused_not_stamped(db_path: Path) -> 
         conn.execute("CREATE TABLE invoices (id INTEGER PRIMARY KEY, total REAL)")
         conn.execute("INSERT INTO invoices VALUES (1, 9.5)")
     conn.close()
-    before = _sha(db_path)
-    with pytest.raises(ForeignDatabaseError, match="invoices") as info:
-        await SessionManager(str(db_path)).start()
-    assert str(db_path) in str(info.value)
-    assert _sha(db_path) == before
+    await _refused_untouched(db_path, ForeignDatabaseError, "invoices")
 
 
 async def test_corrupted_page_is_refused_untouched(
@@ -52,11 +54,7 @@ async def test_corrupted_page_is_refused_untouched(
         for _ in range(300):
             await m.ensure(data={"pad": "x" * 300})
     scribble_pages(db_path)
-    before = _sha(db_path)
-    with pytest.raises(DatabaseCorruptError, match="corrupt") as info:
-        await SessionManager(str(db_path)).start()
-    assert str(db_path) in str(info.value)
-    assert _sha(db_path) == before
+    await _refused_untouched(db_path, DatabaseCorruptError, "corrupt")
 
 
 async def test_zero_length_file_is_a_new_empty_database(

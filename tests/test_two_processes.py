@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import json
 import sqlite3
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
 from sessionstore import SessionManager
-from tests.helpers import REPO
+from tests.helpers import start_python
 
 _RACER = textwrap.dedent(
     """
@@ -48,16 +46,7 @@ def test_two_processes_cannot_together_exceed_the_limit(db_path: Path, tmp_path:
 
     asyncio.run(prepare())
     go = tmp_path / "go"
-    racers = [
-        subprocess.Popen(
-            [sys.executable, "-c", _RACER, str(db_path), str(go), "40"],
-            cwd=REPO,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for _ in range(2)
-    ]
+    racers = [start_python(_RACER, str(db_path), str(go), "40") for _ in range(2)]
     try:
         for racer in racers:
             assert racer.stdout is not None
