@@ -10,11 +10,12 @@ another connection wrote meanwhile, whatever ``busy_timeout`` is.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
 import sqlite3
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -227,6 +228,7 @@ class SessionStore:
         self._pool_size = pool_size
         self._engine: AsyncEngine | None = None
         self._reader: AsyncEngine | None = None
+        self._in_flight: set[asyncio.Task[Any]] = set()
 
     @property
     def dialect(self) -> str:
@@ -279,9 +281,8 @@ class SessionStore:
         )
         self._reader = self._engine.execution_options(sessionstore_autocommit=True)
         try:
+            state = await self.read(lambda conn: conn.run_sync(migrate.inspect_schema))
             async with self.guard():
-                async with self._reader.connect() as conn:
-                    state = await conn.run_sync(migrate.inspect_schema)
                 migrate.validate(state, self.label)
                 if self.dialect == "sqlite":
                     if self.path is not None and (
@@ -290,8 +291,7 @@ class SessionStore:
                         await self.quick_check()
                     await self._enable_wal()
                 if upgrade and state.revision != migrate.head_revision():
-                    async with self._engine.begin() as conn:
-                        await conn.run_sync(migrate.upgrade_locked, self.label)
+                    await self._to_the_end(self._upgrade())
         except BaseException:
             await self.close()
             raise
@@ -305,9 +305,8 @@ class SessionStore:
         """
         if self.dialect != "sqlite":
             return
-        async with self.guard(), self.reader.connect() as conn:
-            result = await conn.exec_driver_sql("PRAGMA quick_check(5)")
-            problems = [" ".join(str(r[0]).split()) for r in result]  # one line per problem
+        result = await self.read(lambda conn: conn.exec_driver_sql("PRAGMA quick_check(5)"))
+        problems = [" ".join(str(r[0]).split()) for r in result]  # one line per problem
         if problems != ["ok"]:
             raise DatabaseCorruptError(
                 f"{self.label}: database file is corrupt ({'; '.join(problems)[:300]})"
@@ -332,25 +331,62 @@ class SessionStore:
         except OSError as exc:
             raise StorageError(f"{label}: {exc}") from exc
         try:
-            async with self.reader.connect() as conn:
-                await conn.exec_driver_sql("VACUUM INTO ?", (str(dest),))
+            await self._to_the_end(self._vacuum_into(dest))
         except (DBAPIError, sqlite3.Error) as exc:
             dest.unlink(missing_ok=True)
             raise translate_error(exc, label) or StorageError(f"{label}: {exc}") from exc
 
-    async def _enable_wal(self) -> None:
+    async def _vacuum_into(self, dest: Path) -> None:
         async with self.reader.connect() as conn:
+            await conn.exec_driver_sql("VACUUM INTO ?", (str(dest),))
+
+    async def _upgrade(self) -> None:
+        async with self.engine.begin() as conn:
+            await conn.run_sync(migrate.upgrade_locked, self.label)
+
+    async def _enable_wal(self) -> None:
+        async def switch(conn: AsyncConnection) -> Any:
             mode = (await conn.exec_driver_sql("PRAGMA journal_mode")).scalar_one()
             if str(mode).lower() != "wal":
                 mode = (await conn.exec_driver_sql("PRAGMA journal_mode = WAL")).scalar_one()
-            if str(mode).lower() != "wal":
-                raise StorageError(f"{self.label}: could not enable WAL (journal_mode={mode})")
+            return mode
+
+        mode = await self.read(switch)
+        if str(mode).lower() != "wal":
+            raise StorageError(f"{self.label}: could not enable WAL (journal_mode={mode})")
 
     async def close(self) -> None:
-        """Dispose of the engine and every pooled connection (idempotent)."""
+        """Dispose of the engine and every pooled connection (idempotent).
+
+        Statements still running for cancelled callers finish first, so their
+        connections are back in the pool when it is disposed.
+        """
+        if self._in_flight:
+            await asyncio.wait(self._in_flight)
         engine, self._engine, self._reader = self._engine, None, None
         if engine is not None:
             await engine.dispose()
+
+    async def _to_the_end(self, work: Coroutine[Any, Any, T]) -> T:
+        """Run ``work`` in a task of its own that a cancelled caller does not cut short.
+
+        A cancellation that reaches SQLAlchemy's aiosqlite adapter while it opens,
+        uses or closes a connection can leave that connection (and its thread) open
+        or hang its close for ever. So the cancel stops at the caller: the statement
+        finishes, the connection goes back to the pool, then ``CancelledError``
+        propagates. :meth:`close` waits for such stragglers.
+        """
+        task = asyncio.ensure_future(work)
+        self._in_flight.add(task)
+        task.add_done_callback(self._in_flight.discard)
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            if not task.done():
+                await asyncio.wait([task])
+            if not task.cancelled():
+                task.exception()  # the caller is gone; a failure is not worth a warning
+            raise
 
     @asynccontextmanager
     async def guard(self) -> AsyncIterator[None]:
@@ -369,22 +405,38 @@ class SessionStore:
         """Run ``work`` in one write transaction (``BEGIN IMMEDIATE`` on SQLite).
 
         Commits when ``work`` returns, rolls back when it raises; either way the
-        connection goes back to the pool outside any transaction.
+        connection goes back to the pool outside any transaction. A cancelled caller
+        does not interrupt it (see :meth:`_to_the_end`): the row ends old or new.
         """
-        async with self.guard(), self.engine.begin() as conn:
-            if self.dialect == "postgresql":
-                # One writer at a time per database, like SQLite's write lock: this
-                # is what makes the live-session count and the insert atomic.
-                await conn.execute(select(func.pg_advisory_xact_lock(0x5E55)))
-            return await work(conn)
+
+        async def transaction() -> T:
+            async with self.guard(), self.engine.begin() as conn:
+                if self.dialect == "postgresql":
+                    # One writer at a time per database, like SQLite's write lock: this
+                    # is what makes the live-session count and the insert atomic.
+                    await conn.execute(select(func.pg_advisory_xact_lock(0x5E55)))
+                return await work(conn)
+
+        return await self._to_the_end(transaction())
+
+    async def read(self, work: Callable[[AsyncConnection], Awaitable[T]]) -> T:
+        """Run ``work`` on a pooled connection without an explicit transaction.
+
+        Results of ``conn.execute`` are buffered, so ``work`` may return one.
+        """
+
+        async def run() -> T:
+            async with self.guard(), self.reader.connect() as conn:
+                return await work(conn)
+
+        return await self._to_the_end(run())
 
     # ----- reads (no transaction is held past one statement) -----
 
     async def fetch(self, session_id: str) -> SessionRow | None:
         """The row for ``session_id``, expired or not, or ``None``."""
         stmt = select(*_COLUMNS).where(sessions.c.session_id == session_id)
-        async with self.guard(), self.reader.connect() as conn:
-            row = (await conn.execute(stmt)).first()
+        row = (await self.read(lambda conn: conn.execute(stmt))).first()
         return SessionRow(*row) if row is not None else None
 
     async def resume_lookup(
@@ -402,11 +454,14 @@ class SessionStore:
         graves = select(tombstones.c.token_hash, tombstones.c.reason).where(
             tombstones.c.token_hash.in_(token_hashes)
         )
-        async with self.guard(), self.reader.connect() as conn:
+
+        async def both(conn: AsyncConnection) -> None:
             for digest, *row in await conn.execute(rows):
                 found[digest] = (SessionRow(*row), None)
             for digest, reason in await conn.execute(graves):
                 found[digest] = (found.get(digest, (None, None))[0], reason)
+
+        await self.read(both)
         return found
 
     async def live_rows(self, cutoff: float, limit: int | None = None) -> list[SessionRow]:
@@ -417,8 +472,7 @@ class SessionStore:
             .order_by(sessions.c.last_activity.desc())
             .limit(limit)
         )
-        async with self.guard(), self.reader.connect() as conn:
-            return [SessionRow(*r) for r in await conn.execute(stmt)]
+        return [SessionRow(*r) for r in await self.read(lambda conn: conn.execute(stmt))]
 
     async def live_ids(self, cutoff: float) -> list[str]:
         """Ids of live sessions, most recently active first (an index walk)."""
@@ -427,27 +481,32 @@ class SessionStore:
             .where(sessions.c.last_activity >= cutoff)
             .order_by(sessions.c.last_activity.desc())
         )
-        async with self.guard(), self.reader.connect() as conn:
-            return list((await conn.execute(stmt)).scalars())
+        return list((await self.read(lambda conn: conn.execute(stmt))).scalars())
 
     async def fetch_many(self, session_ids: Sequence[str]) -> list[SessionRow]:
         """The rows that still exist among ``session_ids`` (500 ids a statement)."""
         rows: list[SessionRow] = []
-        async with self.guard(), self.reader.connect() as conn:
+
+        async def chunks(conn: AsyncConnection) -> None:
             for start in range(0, len(session_ids), 500):
                 chunk = session_ids[start : start + 500]
                 stmt = select(*_COLUMNS).where(sessions.c.session_id.in_(chunk))
                 rows.extend(SessionRow(*r) for r in await conn.execute(stmt))
+
+        await self.read(chunks)
         return rows
 
     async def count_split(self, cutoff: float) -> tuple[int, int]:
         """``(live, expired)`` row counts; each an index range count."""
         live = select(func.count()).where(sessions.c.last_activity >= cutoff)
         expired = select(func.count()).where(sessions.c.last_activity < cutoff)
-        async with self.guard(), self.reader.connect() as conn:
+
+        async def both(conn: AsyncConnection) -> tuple[int, int]:
             n_live = (await conn.execute(live)).scalar_one()
             n_expired = (await conn.execute(expired)).scalar_one()
-        return int(n_live), int(n_expired)
+            return int(n_live), int(n_expired)
+
+        return await self.read(both)
 
     async def aggregates(self, cutoff: float) -> dict[str, Any]:
         """Counts and created_at min/max/avg over live rows, plus the total row count."""
@@ -459,9 +518,11 @@ class SessionStore:
             func.avg(sessions.c.created_at),
         ).where(live)
         total = select(func.count()).select_from(sessions)
-        async with self.guard(), self.reader.connect() as conn:
-            n_live, oldest, newest, mean = (await conn.execute(stmt)).one()
-            n_total = (await conn.execute(total)).scalar_one()
+
+        async def both(conn: AsyncConnection) -> tuple[Any, ...]:
+            return (*(await conn.execute(stmt)).one(), (await conn.execute(total)).scalar_one())
+
+        n_live, oldest, newest, mean, n_total = await self.read(both)
         return {
             "live": int(n_live),
             "total": int(n_total),

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import sqlite3
+import threading
 from pathlib import Path
 
 import pytest
@@ -97,3 +98,39 @@ async def test_cancelled_ensure_is_either_created_or_absent(
             assert got is None or got.session_id == f"id{i}"
         # The lock is free: a fresh create goes through.
         assert (await m.ensure("after")).session_id == "after"
+
+
+def _driver_threads(before: set[threading.Thread]) -> set[threading.Thread]:
+    return {t for t in set(threading.enumerate()) - before if t.is_alive()}
+
+
+async def test_cancelled_reads_and_a_quick_aclose_leave_no_connection_open(
+    db_path: Path, clock: ManualClock
+) -> None:
+    """A cancel that lands while a connection is opening or mid-statement leaks nothing.
+
+    SQLite removes the -wal file when the last connection to a database closes, so a
+    -wal left after ``aclose()`` means a connection (and its aiosqlite thread) leaked.
+    The steps walk the cancel across connect, execute and close; closing right after
+    start cancels the start-up count task at whatever point it has reached.
+    """
+    threads_before = set(threading.enumerate())
+    for steps in range(0, 24, 3):
+        async with SessionManager(str(db_path), clock=clock, max_concurrent_sessions=0) as m:
+            await m.ensure(f"s{steps}")
+            reads = [  # more than the pool holds: some must connect
+                asyncio.ensure_future(read)
+                for _ in range(3)
+                for read in (m.store.fetch("s0"), m.store.live_ids(0), m.store.count_split(0))
+            ]
+            for _ in range(steps):
+                await asyncio.sleep(0)
+            for task in reads:
+                task.cancel()
+            await asyncio.gather(*reads, return_exceptions=True)
+        assert not Path(f"{db_path}-wal").exists(), f"a connection outlived aclose ({steps=})"
+    for _ in range(100):  # a closed aiosqlite thread exits right after its last reply
+        if not _driver_threads(threads_before):
+            break
+        await asyncio.sleep(0.01)
+    assert _driver_threads(threads_before) == set()
