@@ -13,6 +13,9 @@ Environment variables (the in-memory manager's names are kept):
 - ``SESSIONSTORE_SYNCHRONOUS``: SQLite ``synchronous`` pragma, FULL or NORMAL (default FULL)
 - ``SESSIONSTORE_POOL_SIZE``: database connections kept open (default 4; PostgreSQL may
   open as many again under load)
+- ``SESSIONSTORE_CHECKPOINT_INTERVAL``: SQLite: seconds after a commit before a
+  background task copies the WAL into the database file (default 0.1; 0 = inside the
+  commits, SQLite's default)
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ _ENV: dict[str, tuple[str, type]] = {
     "refresh_interval_secs": ("SESSION_REFRESH_INTERVAL", float),
     "synchronous": ("SESSIONSTORE_SYNCHRONOUS", str),
     "pool_size": ("SESSIONSTORE_POOL_SIZE", int),
+    "checkpoint_interval_secs": ("SESSIONSTORE_CHECKPOINT_INTERVAL", float),
 }
 
 
@@ -60,6 +64,7 @@ class Settings:
     refresh_interval_secs: float = 5.0
     startup_check_max_bytes: int = 64 * 1024 * 1024
     pool_size: int = 4
+    checkpoint_interval_secs: float = 0.1
 
     def __post_init__(self) -> None:
         positive = (
@@ -78,6 +83,8 @@ class Settings:
             raise ValueError("refresh_interval_secs must be >= 0 (0 disables it)")
         if self.startup_check_max_bytes < 0:
             raise ValueError("startup_check_max_bytes must be >= 0 (0 disables the check)")
+        if self.checkpoint_interval_secs < 0:
+            raise ValueError("checkpoint_interval_secs must be >= 0 (0: SQLite checkpoints)")
         if self.busy_timeout_ms < 0:
             raise ValueError("busy_timeout_ms must be >= 0")
         sync = self.synchronous.upper()

@@ -172,6 +172,7 @@ class SessionManager:
             synchronous=self.settings.synchronous,
             busy_timeout_ms=self.settings.busy_timeout_ms,
             pool_size=self.settings.pool_size,
+            checkpoint_interval_secs=self.settings.checkpoint_interval_secs,
         )
         self._cache: dict[str, _Entry] = {}
         # Cache misses and resumes made at the same time share one query.

@@ -162,8 +162,16 @@ def create_file_private(path: Path) -> None:
     os.close(fd)
 
 
+_WAL_SIZE_LIMIT = 64 * 1024 * 1024
+
+
 def make_engine(
-    url: URL, *, synchronous: str = "FULL", busy_timeout_ms: int = 5000, pool_size: int = 4
+    url: URL,
+    *,
+    synchronous: str = "FULL",
+    busy_timeout_ms: int = 5000,
+    pool_size: int = 4,
+    autocheckpoint: bool = True,
 ) -> AsyncEngine:
     """An async engine with sessionstore's connection set-up.
 
@@ -171,7 +179,8 @@ def make_engine(
     ``foreign_keys``; the driver's own transaction handling is switched off so that
     transactions begin with our own ``BEGIN IMMEDIATE`` (writes) or not at all
     (reads on :meth:`SessionStore.reader`, which run as single autocommit statements
-    and so can never pin a WAL snapshot).
+    and so can never pin a WAL snapshot). Without ``autocheckpoint`` no commit
+    checkpoints the WAL itself: :meth:`SessionStore.checkpoint` has to.
     """
     if url.get_backend_name() != "sqlite":
         return create_async_engine(
@@ -191,6 +200,10 @@ def make_engine(
             cursor.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
             cursor.execute(f"PRAGMA synchronous = {synchronous}")
             cursor.execute("PRAGMA foreign_keys = ON")
+            if not autocheckpoint:
+                cursor.execute("PRAGMA wal_autocheckpoint = 0")
+                # A WAL that a checkpoint has emptied is cut back to this on reuse.
+                cursor.execute(f"PRAGMA journal_size_limit = {_WAL_SIZE_LIMIT}")
         finally:
             cursor.close()
 
@@ -210,6 +223,10 @@ class SessionStore:
         synchronous: SQLite ``synchronous`` pragma (``FULL`` or ``NORMAL``).
         busy_timeout_ms: How long SQLite waits for another writer's lock.
         pool_size: Connections kept open.
+        checkpoint_interval_secs: SQLite: how long after a commit a background task
+            copies the WAL into the database file (``PRAGMA wal_checkpoint(PASSIVE)``);
+            0 leaves it to SQLite, which does it inside every commit that takes the
+            WAL past 1,000 pages.
     """
 
     def __init__(
@@ -219,6 +236,7 @@ class SessionStore:
         synchronous: str = "FULL",
         busy_timeout_ms: int = 5000,
         pool_size: int = 4,
+        checkpoint_interval_secs: float = 0.1,
     ) -> None:
         self.url = database_url(database)
         self.path = _sqlite_path(self.url)
@@ -229,6 +247,9 @@ class SessionStore:
         self._engine: AsyncEngine | None = None
         self._reader: AsyncEngine | None = None
         self._in_flight: set[asyncio.Task[Any]] = set()
+        self._checkpoint_interval = checkpoint_interval_secs if self.dialect == "sqlite" else 0
+        self._committed = asyncio.Event()
+        self._checkpointer: asyncio.Task[None] | None = None
 
     @property
     def dialect(self) -> str:
@@ -278,6 +299,7 @@ class SessionStore:
             synchronous=self._synchronous,
             busy_timeout_ms=self._busy_timeout_ms,
             pool_size=self._pool_size,
+            autocheckpoint=not self._checkpoint_interval,
         )
         self._reader = self._engine.execution_options(sessionstore_autocommit=True)
         try:
@@ -295,7 +317,40 @@ class SessionStore:
         except BaseException:
             await self.close()
             raise
+        if self._checkpoint_interval:
+            self._checkpointer = asyncio.create_task(
+                self._checkpoint_loop(), name="sessionstore-checkpoint"
+            )
         return state
+
+    async def checkpoint(self) -> tuple[int, int]:
+        """Copy committed WAL pages into the database file (SQLite; PASSIVE).
+
+        Never waits for or blocks a writer; pages that a reader still needs stay in
+        the WAL for the next time. Returns ``(pages in the WAL, pages copied)``.
+        """
+        if self.dialect != "sqlite":
+            return 0, 0
+        result = await self.read(
+            lambda conn: conn.exec_driver_sql("PRAGMA wal_checkpoint(PASSIVE)")
+        )
+        _busy, in_wal, copied = tuple(result.one())
+        return int(in_wal), int(copied)
+
+    async def _checkpoint_loop(self) -> None:
+        # SQLite's own autocheckpoint runs inside the commit that crosses 1,000 pages,
+        # so one writer in turn pays for copying everybody's pages (and the fsync of
+        # the database file) while holding up the next group commit. Here that work
+        # runs on another connection, and pages written by several commits within
+        # the interval are copied once.
+        while True:
+            await self._committed.wait()
+            await asyncio.sleep(self._checkpoint_interval)
+            self._committed.clear()
+            try:
+                await self.checkpoint()
+            except StorageError as exc:  # the next commit tries again
+                log.warning("checkpoint of %s failed: %s", self.label, exc)
 
     async def quick_check(self) -> None:
         """Run SQLite's ``PRAGMA quick_check`` (reads every page; writes nothing).
@@ -361,6 +416,10 @@ class SessionStore:
         Statements still running for cancelled callers finish first, so their
         connections are back in the pool when it is disposed.
         """
+        checkpointer, self._checkpointer = self._checkpointer, None
+        if checkpointer is not None:
+            checkpointer.cancel()
+            await asyncio.gather(checkpointer, return_exceptions=True)
         if self._in_flight:
             await asyncio.wait(self._in_flight)
         engine, self._engine, self._reader = self._engine, None, None
@@ -417,7 +476,9 @@ class SessionStore:
                     await conn.execute(select(func.pg_advisory_xact_lock(0x5E55)))
                 return await work(conn)
 
-        return await self._to_the_end(transaction())
+        result = await self._to_the_end(transaction())
+        self._committed.set()
+        return result
 
     async def read(self, work: Callable[[AsyncConnection], Awaitable[T]]) -> T:
         """Run ``work`` on a pooled connection without an explicit transaction.

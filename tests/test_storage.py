@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import sqlite3
 from pathlib import Path
@@ -15,7 +16,7 @@ from sessionstore import (
     StorageError,
 )
 from tests.conftest import ManagerFactory
-from tests.helpers import scribble_pages
+from tests.helpers import scribble_pages, wait_until
 
 
 def _sha(path: Path) -> str:
@@ -114,3 +115,34 @@ async def test_readable_view_shows_iso_times_and_idle(
     assert row[2] == row[1]
     assert row[3] > 0
     assert row[4] == 1
+
+
+async def _autocheckpoint_pages(m: SessionManager) -> int:
+    async with m.store.engine.connect() as conn:
+        return int((await conn.exec_driver_sql("PRAGMA wal_autocheckpoint")).scalar_one())
+
+
+async def test_wal_is_checkpointed_in_the_background_not_inside_commits(
+    make_manager: ManagerFactory, db_path: Path
+) -> None:
+    async with make_manager(db_path, max_concurrent_sessions=0) as m:
+        assert await _autocheckpoint_pages(m) == 0  # no commit copies the WAL itself
+        empty = db_path.stat().st_size
+        await asyncio.gather(*(m.ensure(data={"pad": "x" * 1000}) for _ in range(3000)))
+        # ~3,000 pages committed: well past SQLite's own 1,000-page checkpoint, and
+        # only the background task can have moved them into the database file.
+
+        async def copied_into_the_file() -> bool:
+            return db_path.stat().st_size > empty + 3_000_000
+
+        await wait_until(copied_into_the_file)
+        in_wal, copied = await m.store.checkpoint()
+        assert copied == in_wal  # nothing was left behind
+    assert not Path(f"{db_path}-wal").exists()
+
+
+async def test_checkpoint_interval_zero_leaves_checkpoints_to_sqlite(
+    make_manager: ManagerFactory, db_path: Path
+) -> None:
+    async with make_manager(db_path, checkpoint_interval_secs=0) as m:
+        assert await _autocheckpoint_pages(m) == 1000
