@@ -789,6 +789,10 @@ async def _executemany(conn: AsyncConnection, name: str, rows: Sequence[Sequence
     await conn.exec_driver_sql(sql, list(rows))
 
 
+# One encoder for every call: json.dumps with options builds a new one each time.
+_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+
 def dumps(data: Any) -> str:
     """Compact JSON text for storage."""
-    return json.dumps(data, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    return _ENCODER.encode(data)
