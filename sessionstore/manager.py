@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import json
 import logging
 import os
 import secrets
@@ -42,7 +41,7 @@ from .errors import (
     VersionConflictError,
 )
 from .session import Session
-from .store import CreateResult, NewSession, SessionRow, SessionStore, dumps
+from .store import CreateResult, NewSession, SessionRow, SessionStore, dumps, loads
 from .writer import GroupCommitWriter
 
 __all__ = ["RecoveryReport", "RemovalListener", "ResumeResult", "SessionManager"]
@@ -396,7 +395,7 @@ class SessionManager:
             return self._snapshot(new.session_id, entry)
         self.counters["created"] += 1
         # What was just stored is what the caller gave: no need to parse it back.
-        return Session(new_id, now, now, json.loads(text) if data else {}, 1)
+        return Session(new_id, now, now, loads(text) if data else {}, 1)
 
     async def get(self, session_id: str) -> Session | None:
         """The live session with this id, or ``None`` when absent or expired."""
@@ -670,13 +669,13 @@ class SessionManager:
     @staticmethod
     def _snapshot(session_id: str, entry: _Entry) -> Session:
         created_at, last_activity, version = _HEAD.unpack_from(entry)
-        data = json.loads(entry[_HEAD.size :].decode())  # str parses faster than bytes
+        data = loads(entry[_HEAD.size :].decode())  # str parses faster than bytes
         return Session(session_id, created_at, last_activity, data, version)
 
     @staticmethod
     def _row_snapshot(row: SessionRow) -> Session:
         return Session(
-            row.session_id, row.created_at, row.last_activity, json.loads(row.data), row.version
+            row.session_id, row.created_at, row.last_activity, loads(row.data), row.version
         )
 
     def _encode(self, data: Mapping[str, Any]) -> str:
@@ -734,7 +733,7 @@ class SessionManager:
                     VersionConflictError(change.session_id, change.if_version, row.version)
                 )
                 continue
-            current: dict[str, Any] = {} if change.replace else json.loads(row.data)
+            current: dict[str, Any] = {} if change.replace else loads(row.data)
             current.update(change.update)
             for key in change.delete:
                 current.pop(key, None)
