@@ -29,7 +29,7 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check sessionstore tests migrations benchmarks examples
 
 typecheck: $(STAMP)
-	$(BIN)/mypy --strict sessionstore
+	$(BIN)/mypy --strict sessionstore tests benchmarks examples migrations
 
 pytest: $(STAMP)
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)

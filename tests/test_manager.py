@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import threading
 from pathlib import Path
@@ -125,11 +126,7 @@ async def test_last_activity_set_on_creation_and_update(
 
 async def test_closed_session_counts_as_timed_out(manager: SessionManager) -> None:
     session = await manager.ensure()
-    assert manager.is_session_timed_out(Session(**{**_fields(session), "closed": True}))
-
-
-def _fields(session: Session) -> dict[str, object]:
-    return {f: getattr(session, f) for f in Session.__dataclass_fields__}
+    assert manager.is_session_timed_out(dataclasses.replace(session, closed=True))
 
 
 # --- cleanup ---

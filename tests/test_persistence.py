@@ -76,7 +76,7 @@ async def test_startup_deletes_expired_rows_in_background(
         assert await m.list_ids() == []
 
         async def emptied() -> bool:
-            return (await m.get_session_metrics())["total_sessions"] == 0
+            return bool((await m.get_session_metrics())["total_sessions"] == 0)
 
         await wait_until(emptied)
         assert m.counters["expired"] == 30

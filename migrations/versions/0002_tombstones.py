@@ -16,7 +16,7 @@ down_revision: str | Sequence[str] | None = "0001"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
-_EPOCH = sa.Double().with_variant(sqlite.REAL(), "sqlite")
+_EPOCH: sa.Double[float] = sa.Double().with_variant(sqlite.REAL(), "sqlite")
 
 
 def upgrade() -> None:

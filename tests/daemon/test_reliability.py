@@ -674,7 +674,7 @@ async def _check_one(rig: _Rig, frame: str | bytes) -> str:
         assert rig.stored() == before  # an invalid frame writes nothing
         return f"error {refused.code}"
     rid = parsed.id
-    written = before
+    written: tuple[dict[str, Any], int] | None = before
     what = type(parsed).__name__
     if isinstance(parsed, p.Ping):
         assert reply == {"op": "pong", "re": rid}
