@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy import Connection
 
 from .batching import BatchLoader
 from .config import DEFAULT_DATABASE, Settings
@@ -79,6 +79,18 @@ class _DataChange:
     delete: tuple[str, ...]
     replace: bool
     if_version: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class _Conflict:
+    """A data change refused by ``if_version``, with the row that is there instead.
+
+    Handlers run in the writer's thread on SQLite, so the row is cached by the caller
+    on the event loop rather than by the handler.
+    """
+
+    error: VersionConflictError
+    row: SessionRow
 
 
 # A cached session is one bytes object: created_at and last_activity (float64),
@@ -550,8 +562,14 @@ class SessionManager:
         update = dict(data or {})
         self._encode(update)  # fail early, before queueing, on unencodable values
         change = _DataChange(session_id, update, tuple(delete), replace, if_version)
-        row: SessionRow = await writer.submit("data", change)
-        return self._snapshot(session_id, self._remember(row))
+        result: SessionRow | _Conflict = await writer.submit("data", change)
+        if isinstance(result, _Conflict):
+            # The row is newer than what the caller saw (another process wrote it):
+            # cache it, so that the caller's next read is not stale again.
+            if session_id in self._cache:
+                self._remember(result.row)
+            raise result.error
+        return self._snapshot(session_id, self._remember(result))
 
     # ----- resume tokens (the daemon's bearer credential) -----
 
@@ -695,16 +713,16 @@ class SessionManager:
 
     # ----- writer handlers: run inside the writer's transaction -----
 
-    async def _apply_creates(self, conn: AsyncConnection, new: list[NewSession]) -> list[Any]:
+    def _apply_creates(self, conn: Connection, new: list[NewSession]) -> list[Any]:
         return list(
-            await SessionStore.create_many(
+            SessionStore.create_many(
                 conn, new, cutoff=self._cutoff(), limit=self.settings.max_concurrent_sessions
             )
         )
 
-    async def _apply_deletes(self, conn: AsyncConnection, ids: list[str]) -> list[Any]:
+    def _apply_deletes(self, conn: Connection, ids: list[str]) -> list[Any]:
         deleted = set(
-            await SessionStore.delete_ids(
+            SessionStore.delete_ids(
                 conn, list(dict.fromkeys(ids)), reason="revoked", now=self._clock()
             )
         )
@@ -714,24 +732,17 @@ class SessionManager:
             deleted.discard(sid)  # a second remove of the same id in one batch: False
         return results
 
-    async def _apply_data_changes(
-        self, conn: AsyncConnection, changes: list[_DataChange]
-    ) -> list[Any]:
+    def _apply_data_changes(self, conn: Connection, changes: list[_DataChange]) -> list[Any]:
         results: list[Any] = []
         now = self._clock()
         for change in changes:
-            row = await SessionStore.fetch_for_update(conn, change.session_id)
+            row = SessionStore.fetch_for_update(conn, change.session_id)
             if row is None or self._expired(row.last_activity, now):
                 results.append(SessionNotFoundError(change.session_id))
                 continue
             if change.if_version is not None and change.if_version != row.version:
-                # The row is newer than what the caller saw (another process wrote it):
-                # cache it, so that the caller's next read is not stale again.
-                if change.session_id in self._cache:
-                    self._remember(row)
-                results.append(
-                    VersionConflictError(change.session_id, change.if_version, row.version)
-                )
+                conflict = VersionConflictError(change.session_id, change.if_version, row.version)
+                results.append(_Conflict(conflict, row))
                 continue
             current: dict[str, Any] = {} if change.replace else loads(row.data)
             current.update(change.update)
@@ -743,33 +754,33 @@ class SessionManager:
                 results.append(exc)
                 continue
             last = max(now, row.last_activity)
-            await SessionStore.store_data(conn, change.session_id, text, row.version + 1, last)
+            SessionStore.store_data(conn, change.session_id, text, row.version + 1, last)
             results.append(row._replace(data=text, version=row.version + 1, last_activity=last))
         return results
 
-    async def _apply_tokens(self, conn: AsyncConnection, items: list[tuple[str, str]]) -> list[Any]:
+    def _apply_tokens(self, conn: Connection, items: list[tuple[str, str]]) -> list[Any]:
         now = self._clock()
         results: list[Any] = []
         for session_id, token_hash in items:
-            row = await SessionStore.fetch_for_update(conn, session_id)
+            row = SessionStore.fetch_for_update(conn, session_id)
             if row is None or self._expired(row.last_activity, now):
                 results.append(False)
                 continue
-            results.append(await SessionStore.store_token(conn, session_id, token_hash, now=now))
+            results.append(SessionStore.store_token(conn, session_id, token_hash, now=now))
         return results
 
-    async def _apply_cleanup_chunk(self, conn: AsyncConnection, nows: list[float]) -> list[Any]:
+    def _apply_cleanup_chunk(self, conn: Connection, nows: list[float]) -> list[Any]:
         now = nows[0]
-        clamped = await SessionStore.clamp_future(conn, now)
+        clamped = SessionStore.clamp_future(conn, now)
         if clamped:
             log.warning(
                 "clock moved backwards: %d sessions had activity in the future", len(clamped)
             )
-        deleted = await SessionStore.delete_expired_chunk(
+        deleted = SessionStore.delete_expired_chunk(
             conn, self._cutoff(now), self.settings.cleanup_chunk_rows, now=now
         )
         if len(deleted) < self.settings.cleanup_chunk_rows:
-            await SessionStore.purge_tombstones(conn, now - self.settings.tombstone_retention_secs)
+            SessionStore.purge_tombstones(conn, now - self.settings.tombstone_retention_secs)
         return [deleted]
 
     async def _refresh_loop(self) -> None:

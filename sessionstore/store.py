@@ -6,6 +6,11 @@ take a connection that is already inside a write transaction (see :meth:`write`)
 on SQLite that transaction starts with ``BEGIN IMMEDIATE``, because a deferred
 ``BEGIN`` that reads and then writes fails at once with "database is locked" when
 another connection wrote meanwhile, whatever ``busy_timeout`` is.
+
+Reads are async (aiosqlite, asyncpg). Write methods are synchronous Core: on SQLite a
+whole write transaction runs in one call into a writer thread with a stdlib
+``sqlite3`` connection (one round trip instead of one per statement); on PostgreSQL
+it runs through ``run_sync`` on an asyncpg connection.
 """
 
 from __future__ import annotations
@@ -16,12 +21,25 @@ import logging
 import os
 import sqlite3
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple, TypeVar
 
-from sqlalchemy import URL, bindparam, delete, event, func, insert, select, update
+from sqlalchemy import (
+    URL,
+    Connection,
+    Engine,
+    bindparam,
+    create_engine,
+    delete,
+    event,
+    func,
+    insert,
+    select,
+    update,
+)
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
@@ -181,14 +199,9 @@ def make_engine(
     pool_size: int = 4,
     autocheckpoint: bool = True,
 ) -> AsyncEngine:
-    """An async engine with sessionstore's connection set-up.
+    """The async engine (reads everywhere; writes on PostgreSQL).
 
-    On SQLite every connection gets ``busy_timeout``, ``synchronous`` and
-    ``foreign_keys``; the driver's own transaction handling is switched off so that
-    transactions begin with our own ``BEGIN IMMEDIATE`` (writes) or not at all
-    (reads on :meth:`SessionStore.reader`, which run as single autocommit statements
-    and so can never pin a WAL snapshot). Without ``autocheckpoint`` no commit
-    checkpoints the WAL itself: :meth:`SessionStore.checkpoint` has to.
+    On SQLite every connection is set up by :func:`_set_up_sqlite`.
     """
     if url.get_backend_name() != "sqlite":
         return create_async_engine(
@@ -199,8 +212,42 @@ def make_engine(
     engine = create_async_engine(
         url, pool_size=pool_size, max_overflow=0, pool_reset_on_return=None
     )
+    _set_up_sqlite(engine.sync_engine, synchronous, busy_timeout_ms, autocheckpoint)
+    return engine
 
-    @event.listens_for(engine.sync_engine, "connect")
+
+def make_sqlite_writer_engine(
+    url: URL, *, synchronous: str = "FULL", busy_timeout_ms: int = 5000, autocheckpoint: bool = True
+) -> Engine:
+    """A synchronous engine (stdlib ``sqlite3``) for SQLite's writer thread.
+
+    Through aiosqlite every statement of a transaction is its own round trip to the
+    driver's thread and back through the event loop (seven for a group commit);
+    here the whole transaction is one call into one thread.
+    """
+    engine = create_engine(
+        url.set(drivername="sqlite+pysqlite"),
+        pool_size=1,
+        max_overflow=0,
+        pool_reset_on_return=None,
+    )
+    _set_up_sqlite(engine, synchronous, busy_timeout_ms, autocheckpoint)
+    return engine
+
+
+def _set_up_sqlite(
+    engine: Engine, synchronous: str, busy_timeout_ms: int, autocheckpoint: bool
+) -> None:
+    """Every connection gets ``busy_timeout``, ``synchronous`` and ``foreign_keys``.
+
+    The driver's own transaction handling is switched off so that transactions begin
+    with our own ``BEGIN IMMEDIATE`` (writes) or not at all (reads on
+    :meth:`SessionStore.reader`, which run as single autocommit statements and so can
+    never pin a WAL snapshot). Without ``autocheckpoint`` no commit checkpoints the
+    WAL itself: :meth:`SessionStore.checkpoint` has to.
+    """
+
+    @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
         dbapi_connection.isolation_level = None
         cursor = dbapi_connection.cursor()
@@ -215,12 +262,10 @@ def make_engine(
         finally:
             cursor.close()
 
-    @event.listens_for(engine.sync_engine, "begin")
+    @event.listens_for(engine, "begin")
     def _on_begin(conn: Any) -> None:
         if not conn.get_execution_options().get("sessionstore_autocommit"):
             conn.exec_driver_sql("BEGIN IMMEDIATE")
-
-    return engine
 
 
 class SessionStore:
@@ -255,6 +300,9 @@ class SessionStore:
         self._engine: AsyncEngine | None = None
         self._reader: AsyncEngine | None = None
         self._in_flight: set[asyncio.Task[Any]] = set()
+        # SQLite: write transactions run whole in one thread of their own.
+        self._write_engine: Engine | None = None
+        self._write_thread: ThreadPoolExecutor | None = None
         self._checkpoint_interval = checkpoint_interval_secs if self.dialect == "sqlite" else 0
         self._committed = asyncio.Event()
         self._checkpointer: asyncio.Task[None] | None = None
@@ -310,6 +358,14 @@ class SessionStore:
             autocheckpoint=not self._checkpoint_interval,
         )
         self._reader = self._engine.execution_options(sessionstore_autocommit=True)
+        if self.dialect == "sqlite":
+            self._write_engine = make_sqlite_writer_engine(
+                self.url,
+                synchronous=self._synchronous,
+                busy_timeout_ms=self._busy_timeout_ms,
+                autocheckpoint=not self._checkpoint_interval,
+            )
+            self._write_thread = ThreadPoolExecutor(1, thread_name_prefix="sessionstore-write")
         try:
             state = await self.read(lambda conn: conn.run_sync(migrate.inspect_schema))
             async with self.guard():
@@ -431,6 +487,12 @@ class SessionStore:
         if self._in_flight:
             await asyncio.wait(self._in_flight)
         engine, self._engine, self._reader = self._engine, None, None
+        write_engine, self._write_engine = self._write_engine, None
+        write_thread, self._write_thread = self._write_thread, None
+        if write_thread is not None:
+            if write_engine is not None:  # its connection belongs to the thread
+                await asyncio.get_running_loop().run_in_executor(write_thread, write_engine.dispose)
+            write_thread.shutdown()
         if engine is not None:
             await engine.dispose()
 
@@ -468,25 +530,36 @@ class SessionStore:
                 raise
             raise translated from exc
 
-    async def write(self, work: Callable[[AsyncConnection], Awaitable[T]]) -> T:
+    async def write(self, work: Callable[[Connection], T]) -> T:
         """Run ``work`` in one write transaction (``BEGIN IMMEDIATE`` on SQLite).
 
-        Commits when ``work`` returns, rolls back when it raises; either way the
-        connection goes back to the pool outside any transaction. A cancelled caller
-        does not interrupt it (see :meth:`_to_the_end`): the row ends old or new.
+        ``work`` is synchronous SQLAlchemy Core on a :class:`~sqlalchemy.Connection`:
+        on SQLite it runs whole in the writer thread, on PostgreSQL through
+        ``run_sync`` on the event loop. Commits when ``work`` returns, rolls back when
+        it raises; either way the connection goes back to the pool outside any
+        transaction. A cancelled caller does not interrupt it (see
+        :meth:`_to_the_end`): the row ends old or new.
         """
-
-        async def transaction() -> T:
-            async with self.guard(), self.engine.begin() as conn:
-                if self.dialect == "postgresql":
-                    # One writer at a time per database, like SQLite's write lock: this
-                    # is what makes the live-session count and the insert atomic.
-                    await conn.execute(select(func.pg_advisory_xact_lock(0x5E55)))
-                return await work(conn)
-
-        result = await self._to_the_end(transaction())
+        result = await self._to_the_end(self._transaction(work))
         self._committed.set()
         return result
+
+    async def _transaction(self, work: Callable[[Connection], T]) -> T:
+        async with self.guard():
+            if self._write_thread is not None:
+                loop = asyncio.get_running_loop()
+                return await loop.run_in_executor(self._write_thread, self._in_thread, work)
+            async with self.engine.begin() as conn:
+                # One writer at a time per database, like SQLite's write lock: this
+                # is what makes the live-session count and the insert atomic.
+                await conn.execute(select(func.pg_advisory_xact_lock(0x5E55)))
+                return await conn.run_sync(work)
+
+    def _in_thread(self, work: Callable[[Connection], T]) -> T:
+        if self._write_engine is None:
+            raise StorageError(f"{self.label}: store is not open")
+        with self._write_engine.begin() as conn:
+            return work(conn)
 
     async def read(self, work: Callable[[AsyncConnection], Awaitable[T]]) -> T:
         """Run ``work`` on a pooled connection without an explicit transaction.
@@ -603,15 +676,15 @@ class SessionStore:
     # ----- writes: each runs on a connection inside `write` -----
 
     @staticmethod
-    async def count_live(conn: AsyncConnection, cutoff: float) -> int:
+    def count_live(conn: Connection, cutoff: float) -> int:
         """Live rows, counted inside the caller's write transaction."""
         stmt = select(func.count()).where(sessions.c.last_activity >= cutoff)
-        return int((await conn.execute(stmt)).scalar_one())
+        return int((conn.execute(stmt)).scalar_one())
 
     @classmethod
-    async def create_many(
+    def create_many(
         cls,
-        conn: AsyncConnection,
+        conn: Connection,
         new: Sequence[NewSession],
         *,
         cutoff: float,
@@ -628,13 +701,13 @@ class SessionStore:
         for start in range(0, len(explicit), 500):
             chunk = explicit[start : start + 500]
             stmt = select(*_COLUMNS).where(sessions.c.session_id.in_(chunk))
-            existing.update((r[0], SessionRow(*r)) for r in await conn.execute(stmt))
+            existing.update((r[0], SessionRow(*r)) for r in conn.execute(stmt))
         stale = [sid for sid, row in existing.items() if row.last_activity < cutoff]
         if stale:
-            await conn.execute(delete(sessions).where(sessions.c.session_id.in_(stale)))
+            conn.execute(delete(sessions).where(sessions.c.session_id.in_(stale)))
             for sid in stale:
                 del existing[sid]
-        room = (limit - await cls.count_live(conn, cutoff)) if limit else len(new)
+        room = (limit - cls.count_live(conn, cutoff)) if limit else len(new)
         to_insert: list[SessionRow] = []
         made: dict[str, SessionRow] = {}
         for i, n in enumerate(new):
@@ -651,20 +724,18 @@ class SessionStore:
             to_insert.append(row)
             results[i] = CreateResult(row, True)
         if to_insert:
-            await _executemany(conn, "insert", to_insert)
+            _executemany(conn, "insert", to_insert)
         return [r for r in results if r is not None]
 
     @staticmethod
-    async def touch_many(conn: AsyncConnection, touches: Iterable[tuple[str, float]]) -> None:
+    def touch_many(conn: Connection, touches: Iterable[tuple[str, float]]) -> None:
         """Set ``last_activity`` for many sessions in one executemany."""
         params = [(ts, sid) for sid, ts in touches]
         if params:
-            await _executemany(conn, "touch", params)
+            _executemany(conn, "touch", params)
 
     @staticmethod
-    async def _bury(
-        conn: AsyncConnection, deleted: Sequence[Any], reason: str, now: float
-    ) -> list[str]:
+    def _bury(conn: Connection, deleted: Sequence[Any], reason: str, now: float) -> list[str]:
         """Tombstone the token hashes of deleted ``(session_id, token_hash)`` rows."""
         graves = [
             {"token_hash": h, "session_id": sid, "reason": reason, "removed_at": now}
@@ -672,12 +743,12 @@ class SessionStore:
             if h is not None
         ]
         if graves:
-            await conn.execute(insert(tombstones), graves)
+            conn.execute(insert(tombstones), graves)
         return [sid for sid, _ in deleted]
 
     @classmethod
-    async def delete_ids(
-        cls, conn: AsyncConnection, session_ids: Sequence[str], *, reason: str, now: float
+    def delete_ids(
+        cls, conn: Connection, session_ids: Sequence[str], *, reason: str, now: float
     ) -> list[str]:
         """Delete these sessions (tombstoning their tokens); the ids that had a row."""
         if not session_ids:
@@ -687,7 +758,7 @@ class SessionStore:
             .where(sessions.c.session_id.in_(session_ids))
             .returning(sessions.c.session_id, sessions.c.token_hash)
         )
-        return await cls._bury(conn, (await conn.execute(stmt)).all(), reason, now)
+        return cls._bury(conn, (conn.execute(stmt)).all(), reason, now)
 
     @staticmethod
     def expired_chunk_statement(cutoff: float, chunk: int) -> Any:
@@ -705,21 +776,21 @@ class SessionStore:
         )
 
     @classmethod
-    async def delete_expired_chunk(
-        cls, conn: AsyncConnection, cutoff: float, chunk: int, *, now: float
+    def delete_expired_chunk(
+        cls, conn: Connection, cutoff: float, chunk: int, *, now: float
     ) -> list[str]:
         """Delete at most ``chunk`` rows with ``last_activity < cutoff``; their ids."""
-        result = await conn.execute(cls.expired_chunk_statement(cutoff, chunk))
-        return await cls._bury(conn, result.all(), "expired", now)
+        result = conn.execute(cls.expired_chunk_statement(cutoff, chunk))
+        return cls._bury(conn, result.all(), "expired", now)
 
     @staticmethod
-    async def purge_tombstones(conn: AsyncConnection, before: float) -> int:
+    def purge_tombstones(conn: Connection, before: float) -> int:
         """Forget tombstones older than ``before``."""
-        result = await conn.execute(delete(tombstones).where(tombstones.c.removed_at < before))
+        result = conn.execute(delete(tombstones).where(tombstones.c.removed_at < before))
         return int(result.rowcount or 0)
 
     @staticmethod
-    async def clamp_future(conn: AsyncConnection, now: float) -> list[str]:
+    def clamp_future(conn: Connection, now: float) -> list[str]:
         """Pull ``last_activity`` values from the future back to ``now``.
 
         After the clock jumps backwards, such sessions would otherwise look idle for
@@ -731,40 +802,36 @@ class SessionStore:
             .values(last_activity=now)
             .returning(sessions.c.session_id)
         )
-        return list((await conn.execute(stmt)).scalars())
+        return list((conn.execute(stmt)).scalars())
 
     @staticmethod
-    async def fetch_for_update(conn: AsyncConnection, session_id: str) -> SessionRow | None:
+    def fetch_for_update(conn: Connection, session_id: str) -> SessionRow | None:
         """The row inside a write transaction (the write lock is already held)."""
         stmt = select(*_COLUMNS).where(sessions.c.session_id == session_id)
-        row = (await conn.execute(stmt)).first()
+        row = (conn.execute(stmt)).first()
         return SessionRow(*row) if row is not None else None
 
     @staticmethod
-    async def store_data(
-        conn: AsyncConnection, session_id: str, data: str, version: int, now: float
-    ) -> None:
+    def store_data(conn: Connection, session_id: str, data: str, version: int, now: float) -> None:
         """Write new data and version; the data change also counts as activity."""
-        await conn.execute(
+        conn.execute(
             update(sessions)
             .where(sessions.c.session_id == session_id)
             .values(data=data, version=version, last_activity=now)
         )
 
     @classmethod
-    async def store_token(
-        cls, conn: AsyncConnection, session_id: str, token_hash: str, *, now: float
-    ) -> bool:
+    def store_token(cls, conn: Connection, session_id: str, token_hash: str, *, now: float) -> bool:
         """Give the session a new token hash, tombstoning the old one as revoked.
 
         Returns False if the session has no row.
         """
         stmt = select(sessions.c.token_hash).where(sessions.c.session_id == session_id)
-        row = (await conn.execute(stmt)).first()
+        row = (conn.execute(stmt)).first()
         if row is None:
             return False
-        await cls._bury(conn, [(session_id, row[0])], "revoked", now)
-        await conn.execute(
+        cls._bury(conn, [(session_id, row[0])], "revoked", now)
+        conn.execute(
             update(sessions)
             .where(sessions.c.session_id == session_id)
             .values(token_hash=token_hash)
@@ -786,7 +853,7 @@ _BULK_ORDER = {"insert": tuple(c.name for c in _COLUMNS), "touch": ("ts", "sid")
 _compiled: dict[tuple[str, str], str] = {}
 
 
-async def _executemany(conn: AsyncConnection, name: str, rows: Sequence[Sequence[Any]]) -> None:
+def _executemany(conn: Connection, name: str, rows: Sequence[Sequence[Any]]) -> None:
     key = (conn.dialect.name, name)
     sql = _compiled.get(key)
     if sql is None:
@@ -794,7 +861,7 @@ async def _executemany(conn: AsyncConnection, name: str, rows: Sequence[Sequence
         if tuple(compiled.positiontup or ()) != _BULK_ORDER[name]:
             raise RuntimeError(f"unexpected parameter order for {name}: {compiled.positiontup}")
         sql = _compiled[key] = str(compiled)
-    await conn.exec_driver_sql(sql, list(rows))
+    conn.exec_driver_sql(sql, list(rows))
 
 
 # One encoder for every call: json.dumps with options builds a new one each time.

@@ -18,10 +18,10 @@ import contextlib
 import itertools
 import logging
 from collections import deque
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
-from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy import Connection
 
 from .errors import ManagerClosedError
 from .store import SessionStore
@@ -32,7 +32,9 @@ log = logging.getLogger("sessionstore.writer")
 
 #: Applies a run of same-kind requests inside the open transaction and returns one
 #: result per argument; a result that is an exception is raised to that caller only.
-BatchHandler = Callable[[AsyncConnection, list[Any]], Awaitable[list[Any]]]
+#: Runs a run of same-kind requests inside the transaction: synchronous SQLAlchemy Core
+#: (in the SQLite writer thread, or through ``run_sync`` on PostgreSQL); one result each.
+BatchHandler = Callable[[Connection, list[Any]], list[Any]]
 
 
 class _Request:
@@ -164,13 +166,13 @@ class GroupCommitWriter:
         touches, self._pending, self._deadline = self._pending, {}, None
         started = asyncio.get_running_loop().time()
 
-        async def work(conn: AsyncConnection) -> list[Any]:
+        def work(conn: Connection) -> list[Any]:
             if touches:
-                await SessionStore.touch_many(conn, touches.items())
+                SessionStore.touch_many(conn, touches.items())
             results: list[Any] = []
             for kind, run in itertools.groupby(batch, key=lambda r: r.kind):
                 args = [r.arg for r in run]
-                out = await self._handlers[kind](conn, args)
+                out = self._handlers[kind](conn, args)
                 if len(out) != len(args):
                     raise RuntimeError(f"handler {kind!r} returned {len(out)} results")
                 results.extend(out)
@@ -215,5 +217,5 @@ class GroupCommitWriter:
             self._deadline = asyncio.get_running_loop().time() + self._flush_interval
 
 
-async def _barrier(_conn: AsyncConnection, args: list[Any]) -> list[Any]:
+def _barrier(_conn: Connection, args: list[Any]) -> list[Any]:
     return [None] * len(args)
