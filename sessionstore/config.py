@@ -20,6 +20,7 @@ Environment variables (the in-memory manager's names are kept):
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
@@ -83,6 +84,9 @@ class Settings:
             raise ValueError("refresh_interval_secs must be >= 0 (0 disables it)")
         if self.startup_check_max_bytes < 0:
             raise ValueError("startup_check_max_bytes must be >= 0 (0 disables the check)")
+        for name in (f.name for f in fields(self) if f.name.endswith("_secs")):
+            if not math.isfinite(getattr(self, name)):
+                raise ValueError(f"{name} must be a finite number, got {getattr(self, name)!r}")
         if self.checkpoint_interval_secs < 0:
             raise ValueError("checkpoint_interval_secs must be >= 0 (0: SQLite checkpoints)")
         if self.busy_timeout_ms < 0:

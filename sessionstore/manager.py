@@ -133,7 +133,8 @@ class SessionManager:
         max_concurrent_sessions: Live sessions allowed at once (0 means no limit).
         cleanup_interval_secs: Seconds between periodic cleanup passes.
         clock: Zero-argument callable returning Unix epoch seconds; every judgement
-            of time uses it.
+            of time uses it. On SQLite it is also called from the writer thread, so it
+            must not need the running event loop.
         settings: A :class:`~sessionstore.config.Settings`; keyword arguments given
             here override it.
         background_tasks: Run the periodic cleanup and refresh tasks (admin tools that
@@ -559,8 +560,10 @@ class SessionManager:
         writer = self._running_writer()
         if not _valid_id(session_id):
             raise SessionNotFoundError(session_id)
-        update = dict(data or {})
-        self._encode(update)  # fail early, before queueing, on unencodable values
+        # Encoded and parsed back here, on the event loop: the check fails early, and
+        # the writer (a thread of its own on SQLite) gets a private deep copy rather
+        # than objects the caller may still be changing.
+        update = loads(self._encode(dict(data or {})))
         change = _DataChange(session_id, update, tuple(delete), replace, if_version)
         result: SessionRow | _Conflict = await writer.submit("data", change)
         if isinstance(result, _Conflict):

@@ -16,6 +16,7 @@ it runs through ``run_sync`` on an asyncpg connection.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -175,6 +176,12 @@ def translate_error(exc: BaseException, label: str) -> StorageError | None:
     return None
 
 
+def _settled(task: asyncio.Task[Any]) -> None:
+    """Mark a finished statement's failure as seen: its caller may be gone."""
+    if not task.cancelled():
+        task.exception()
+
+
 def create_file_private(path: Path) -> None:
     """Create an empty database file with mode 0600 unless something is there already.
 
@@ -300,6 +307,7 @@ class SessionStore:
         self._engine: AsyncEngine | None = None
         self._reader: AsyncEngine | None = None
         self._in_flight: set[asyncio.Task[Any]] = set()
+        self._closing = False
         # SQLite: write transactions run whole in one thread of their own.
         self._write_engine: Engine | None = None
         self._write_thread: ThreadPoolExecutor | None = None
@@ -341,6 +349,8 @@ class SessionStore:
             StorageReadOnlyError, StorageError: the database cannot be used; it is
             left as it was.
         """
+        if self._engine is not None or self._closing:
+            raise StorageError(f"{self.label}: store is already open (or closed)")
         if self.path is not None:
             if not self.path.parent.is_dir():
                 raise StorageError(f"{self.label}: directory {self.path.parent} does not exist")
@@ -415,6 +425,8 @@ class SessionStore:
                 await self.checkpoint()
             except StorageError as exc:  # the next commit tries again
                 log.warning("checkpoint of %s failed: %s", self.label, exc)
+            except Exception:  # never die: nothing else checkpoints while we are open
+                log.exception("checkpoint of %s failed", self.label)
 
     async def quick_check(self) -> None:
         """Run SQLite's ``PRAGMA quick_check`` (reads every page; writes nothing).
@@ -480,12 +492,13 @@ class SessionStore:
         Statements still running for cancelled callers finish first, so their
         connections are back in the pool when it is disposed.
         """
+        self._closing = True  # new statements are refused from here on
         checkpointer, self._checkpointer = self._checkpointer, None
         if checkpointer is not None:
             checkpointer.cancel()
             await asyncio.gather(checkpointer, return_exceptions=True)
-        if self._in_flight:
-            await asyncio.wait(self._in_flight)
+        while self._in_flight:
+            await asyncio.wait(set(self._in_flight))
         engine, self._engine, self._reader = self._engine, None, None
         write_engine, self._write_engine = self._write_engine, None
         write_thread, self._write_thread = self._write_thread, None
@@ -505,16 +518,19 @@ class SessionStore:
         finishes, the connection goes back to the pool, then ``CancelledError``
         propagates. :meth:`close` waits for such stragglers.
         """
+        if self._closing:
+            work.close()
+            raise StorageError(f"{self.label}: store is closed")
         task = asyncio.ensure_future(work)
         self._in_flight.add(task)
+        task.add_done_callback(_settled)
         task.add_done_callback(self._in_flight.discard)
         try:
             return await asyncio.shield(task)
         except asyncio.CancelledError:
-            if not task.done():
-                await asyncio.wait([task])
-            if not task.cancelled():
-                task.exception()  # the caller is gone; a failure is not worth a warning
+            while not task.done():
+                with contextlib.suppress(asyncio.CancelledError):  # cancelled again: still wait
+                    await asyncio.wait([task])
             raise
 
     @asynccontextmanager
@@ -540,20 +556,21 @@ class SessionStore:
         transaction. A cancelled caller does not interrupt it (see
         :meth:`_to_the_end`): the row ends old or new.
         """
-        result = await self._to_the_end(self._transaction(work))
-        self._committed.set()
-        return result
+        return await self._to_the_end(self._transaction(work))
 
     async def _transaction(self, work: Callable[[Connection], T]) -> T:
         async with self.guard():
             if self._write_thread is not None:
                 loop = asyncio.get_running_loop()
-                return await loop.run_in_executor(self._write_thread, self._in_thread, work)
-            async with self.engine.begin() as conn:
-                # One writer at a time per database, like SQLite's write lock: this
-                # is what makes the live-session count and the insert atomic.
-                await conn.execute(select(func.pg_advisory_xact_lock(0x5E55)))
-                return await conn.run_sync(work)
+                result = await loop.run_in_executor(self._write_thread, self._in_thread, work)
+            else:
+                async with self.engine.begin() as conn:
+                    # One writer at a time per database, like SQLite's write lock: this
+                    # is what makes the live-session count and the insert atomic.
+                    await conn.execute(select(func.pg_advisory_xact_lock(0x5E55)))
+                    result = await conn.run_sync(work)
+        self._committed.set()  # here, not in write(): also when its caller was cancelled
+        return result
 
     def _in_thread(self, work: Callable[[Connection], T]) -> T:
         if self._write_engine is None:

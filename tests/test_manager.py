@@ -351,6 +351,18 @@ async def test_set_data_compare_and_set(manager: SessionManager) -> None:
     assert got.data == {"n": 1}
 
 
+async def test_set_data_stores_the_data_as_it_was_when_called(manager: SessionManager) -> None:
+    await manager.ensure("cart")
+    cart = ["apple"]
+    pending = asyncio.ensure_future(manager.set_data("cart", {"cart": cart}))
+    await asyncio.sleep(0)  # set_data has queued its write; the commit has not run yet
+    cart.append("pear")  # the caller goes on changing its own list
+    assert (await pending).data == {"cart": ["apple"]}
+    row = await manager.store.fetch("cart")
+    assert row is not None
+    assert json.loads(row.data) == {"cart": ["apple"]}
+
+
 async def test_set_data_counts_as_activity(manager: SessionManager, clock: ManualClock) -> None:
     await manager.ensure("busy")
     clock.advance(50)
@@ -495,6 +507,11 @@ def test_bad_settings_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
         SessionManager.from_env()
     with pytest.raises(ValueError, match="session_timeout_secs"):
         SessionManager(session_timeout_secs=-1)
+    monkeypatch.setenv("SESSION_TIMEOUT_SECS", "inf")  # float() takes it; no timeout is not
+    with pytest.raises(ValueError, match="session_timeout_secs must be a finite number"):
+        SessionManager.from_env()
+    with pytest.raises(ValueError, match="checkpoint_interval_secs"):
+        SessionManager(checkpoint_interval_secs=float("nan"))
     with pytest.raises(TypeError, match="unknown option"):
         SessionManager(colour="blue")
 

@@ -146,3 +146,13 @@ async def test_checkpoint_interval_zero_leaves_checkpoints_to_sqlite(
 ) -> None:
     async with make_manager(db_path, checkpoint_interval_secs=0) as m:
         assert await _autocheckpoint_pages(m) == 1000
+
+
+async def test_a_closed_store_refuses_statements(make_manager: ManagerFactory) -> None:
+    m = make_manager()
+    async with m:
+        await m.ensure("a")
+    with pytest.raises(StorageError, match="closed"):
+        await m.store.fetch("a")
+    with pytest.raises(StorageError, match="already open"):
+        await m.store.open()
