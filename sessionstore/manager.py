@@ -133,8 +133,7 @@ class SessionManager:
         max_concurrent_sessions: Live sessions allowed at once (0 means no limit).
         cleanup_interval_secs: Seconds between periodic cleanup passes.
         clock: Zero-argument callable returning Unix epoch seconds; every judgement
-            of time uses it. On SQLite it is also called from the writer thread, so it
-            must not need the running event loop.
+            of time uses it (always from the event loop's thread).
         settings: A :class:`~sessionstore.config.Settings`; keyword arguments given
             here override it.
         background_tasks: Run the periodic cleanup and refresh tasks (admin tools that
@@ -283,6 +282,7 @@ class SessionManager:
                 },
                 exclusive=("cleanup",),
                 flush_interval=self.settings.flush_interval_secs,
+                clock=self._clock,
             )
             self._writer.start()
             self._state = "running"
@@ -716,18 +716,16 @@ class SessionManager:
 
     # ----- writer handlers: run inside the writer's transaction -----
 
-    def _apply_creates(self, conn: Connection, new: list[NewSession]) -> list[Any]:
+    def _apply_creates(self, conn: Connection, new: list[NewSession], now: float) -> list[Any]:
         return list(
             SessionStore.create_many(
-                conn, new, cutoff=self._cutoff(), limit=self.settings.max_concurrent_sessions
+                conn, new, cutoff=self._cutoff(now), limit=self.settings.max_concurrent_sessions
             )
         )
 
-    def _apply_deletes(self, conn: Connection, ids: list[str]) -> list[Any]:
+    def _apply_deletes(self, conn: Connection, ids: list[str], now: float) -> list[Any]:
         deleted = set(
-            SessionStore.delete_ids(
-                conn, list(dict.fromkeys(ids)), reason="revoked", now=self._clock()
-            )
+            SessionStore.delete_ids(conn, list(dict.fromkeys(ids)), reason="revoked", now=now)
         )
         results: list[Any] = []
         for sid in ids:
@@ -735,9 +733,10 @@ class SessionManager:
             deleted.discard(sid)  # a second remove of the same id in one batch: False
         return results
 
-    def _apply_data_changes(self, conn: Connection, changes: list[_DataChange]) -> list[Any]:
+    def _apply_data_changes(
+        self, conn: Connection, changes: list[_DataChange], now: float
+    ) -> list[Any]:
         results: list[Any] = []
-        now = self._clock()
         for change in changes:
             row = SessionStore.fetch_for_update(conn, change.session_id)
             if row is None or self._expired(row.last_activity, now):
@@ -761,8 +760,9 @@ class SessionManager:
             results.append(row._replace(data=text, version=row.version + 1, last_activity=last))
         return results
 
-    def _apply_tokens(self, conn: Connection, items: list[tuple[str, str]]) -> list[Any]:
-        now = self._clock()
+    def _apply_tokens(
+        self, conn: Connection, items: list[tuple[str, str]], now: float
+    ) -> list[Any]:
         results: list[Any] = []
         for session_id, token_hash in items:
             row = SessionStore.fetch_for_update(conn, session_id)
@@ -772,8 +772,8 @@ class SessionManager:
             results.append(SessionStore.store_token(conn, session_id, token_hash, now=now))
         return results
 
-    def _apply_cleanup_chunk(self, conn: Connection, nows: list[float]) -> list[Any]:
-        now = nows[0]
+    def _apply_cleanup_chunk(self, conn: Connection, nows: list[float], _now: float) -> list[Any]:
+        now = nows[0]  # the time cleanup_stale_sessions() was called
         clamped = SessionStore.clamp_future(conn, now)
         if clamped:
             log.warning(

@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -34,7 +35,8 @@ log = logging.getLogger("sessionstore.writer")
 #: result per argument; a result that is an exception is raised to that caller only.
 #: Runs a run of same-kind requests inside the transaction: synchronous SQLAlchemy Core
 #: (in the SQLite writer thread, or through ``run_sync`` on PostgreSQL); one result each.
-BatchHandler = Callable[[Connection, list[Any]], list[Any]]
+#: ``now`` is the batch's time, read from the clock on the event loop.
+BatchHandler = Callable[[Connection, list[Any], float], list[Any]]
 
 
 class _Request:
@@ -56,6 +58,8 @@ class GroupCommitWriter:
             long delete never delays the creates queued behind it by more than one chunk).
         flush_interval: Longest time a touch waits before it is written (seconds).
         max_batch: Most requests in one transaction.
+        clock: Gives each batch its ``now`` (read on the event loop, so handlers
+            running in a thread never call it).
     """
 
     def __init__(
@@ -66,8 +70,10 @@ class GroupCommitWriter:
         exclusive: Sequence[str] = (),
         flush_interval: float = 1.0,
         max_batch: int = 2000,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self._store = store
+        self._clock = clock
         self._handlers = dict(handlers)
         self._handlers.setdefault("barrier", _barrier)
         self._exclusive = frozenset(exclusive)
@@ -165,6 +171,7 @@ class GroupCommitWriter:
     async def _commit(self, batch: list[_Request]) -> None:
         touches, self._pending, self._deadline = self._pending, {}, None
         started = asyncio.get_running_loop().time()
+        now = self._clock()
 
         def work(conn: Connection) -> list[Any]:
             if touches:
@@ -172,7 +179,7 @@ class GroupCommitWriter:
             results: list[Any] = []
             for kind, run in itertools.groupby(batch, key=lambda r: r.kind):
                 args = [r.arg for r in run]
-                out = self._handlers[kind](conn, args)
+                out = self._handlers[kind](conn, args, now)
                 if len(out) != len(args):
                     raise RuntimeError(f"handler {kind!r} returned {len(out)} results")
                 results.extend(out)
@@ -217,5 +224,5 @@ class GroupCommitWriter:
             self._deadline = asyncio.get_running_loop().time() + self._flush_interval
 
 
-def _barrier(_conn: Connection, args: list[Any]) -> list[Any]:
+def _barrier(_conn: Connection, args: list[Any], _now: float) -> list[Any]:
     return [None] * len(args)
