@@ -308,6 +308,7 @@ class SessionStore:
         self._reader: AsyncEngine | None = None
         self._in_flight: set[asyncio.Task[Any]] = set()
         self._closing = False
+        self._teardown: asyncio.Future[None] | None = None
         # SQLite: write transactions run whole in one thread of their own.
         self._write_engine: Engine | None = None
         self._write_thread: ThreadPoolExecutor | None = None
@@ -490,9 +491,15 @@ class SessionStore:
         """Dispose of the engine and every pooled connection (idempotent).
 
         Statements still running for cancelled callers finish first, so their
-        connections are back in the pool when it is disposed.
+        connections are back in the pool when it is disposed. Concurrent calls share
+        one teardown, which a cancelled caller does not cut short.
         """
         self._closing = True  # new statements are refused from here on
+        if self._teardown is None:
+            self._teardown = asyncio.ensure_future(self._tear_down())
+        await asyncio.shield(self._teardown)
+
+    async def _tear_down(self) -> None:
         checkpointer, self._checkpointer = self._checkpointer, None
         if checkpointer is not None:
             checkpointer.cancel()

@@ -156,3 +156,18 @@ async def test_a_closed_store_refuses_statements(make_manager: ManagerFactory) -
         await m.store.fetch("a")
     with pytest.raises(StorageError, match="already open"):
         await m.store.open()
+
+
+async def test_a_cancelled_close_still_finishes_and_later_closes_wait_for_it(
+    make_manager: ManagerFactory, tmp_path: Path
+) -> None:
+    for steps in range(0, 40, 3):  # the cancel lands at a different point each time
+        db = tmp_path / f"s{steps}.db"
+        async with make_manager(db) as m:
+            await m.ensure("a")
+            first = asyncio.ensure_future(m.store.close())
+            for _ in range(steps):
+                await asyncio.sleep(0)
+            first.cancel()
+            await m.store.close()  # returns only once the teardown is complete
+            assert not Path(f"{db}-wal").exists(), f"a connection is still open ({steps=})"
