@@ -78,19 +78,19 @@ class Settings:
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")
-        if self.max_concurrent_sessions < 0:
-            raise ValueError("max_concurrent_sessions must be >= 0 (0 means no limit)")
-        if self.refresh_interval_secs < 0:
-            raise ValueError("refresh_interval_secs must be >= 0 (0 disables it)")
-        if self.startup_check_max_bytes < 0:
-            raise ValueError("startup_check_max_bytes must be >= 0 (0 disables the check)")
         for name in (f.name for f in fields(self) if f.name.endswith("_secs")):
             if not math.isfinite(getattr(self, name)):
                 raise ValueError(f"{name} must be a finite number, got {getattr(self, name)!r}")
-        if self.checkpoint_interval_secs < 0:
-            raise ValueError("checkpoint_interval_secs must be >= 0 (0: SQLite checkpoints)")
-        if self.busy_timeout_ms < 0:
-            raise ValueError("busy_timeout_ms must be >= 0")
+        zero_means = {
+            "max_concurrent_sessions": "means no limit",
+            "startup_check_max_bytes": "disables the check",
+            "refresh_interval_secs": "disables it",
+            "checkpoint_interval_secs": "means SQLite checkpoints inside commits",
+            "busy_timeout_ms": "means no waiting",
+        }
+        for name, meaning in zero_means.items():
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0 (0 {meaning})")
         sync = self.synchronous.upper()
         if sync not in ("FULL", "NORMAL", "EXTRA"):
             raise ValueError(f"synchronous must be FULL, NORMAL or EXTRA, got {self.synchronous!r}")

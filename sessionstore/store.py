@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -388,7 +389,7 @@ class SessionStore:
                         await self.quick_check()
                     await self._enable_wal()
                 if upgrade and state.revision != migrate.head_revision():
-                    await self._to_the_end(self._upgrade())
+                    await self.write(functools.partial(migrate.upgrade_locked, label=self.label))
         except BaseException:
             await self.close()
             raise
@@ -471,10 +472,6 @@ class SessionStore:
     async def _vacuum_into(self, dest: Path) -> None:
         async with self.reader.connect() as conn:
             await conn.exec_driver_sql("VACUUM INTO ?", (str(dest),))
-
-    async def _upgrade(self) -> None:
-        async with self.engine.begin() as conn:
-            await conn.run_sync(migrate.upgrade_locked, self.label)
 
     async def _enable_wal(self) -> None:
         async def switch(conn: AsyncConnection) -> Any:

@@ -6,6 +6,7 @@ import asyncio
 import os
 import subprocess
 import sys
+import threading
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -77,6 +78,22 @@ async def wait_until(condition: Callable[[], Awaitable[bool]], timeout: float = 
     async with asyncio.timeout(timeout):
         while not await condition():
             await asyncio.sleep(0.01)
+
+
+async def threads_left(before: set[threading.Thread]) -> set[threading.Thread]:
+    """Threads started since ``before`` that are still alive once they had time to exit.
+
+    A closed aiosqlite thread exits right after its last reply, so allow it a moment.
+    """
+
+    def alive() -> set[threading.Thread]:
+        return {t for t in set(threading.enumerate()) - before if t.is_alive()}
+
+    for _ in range(100):
+        if not alive():
+            break
+        await asyncio.sleep(0.01)
+    return alive()
 
 
 def scribble_pages(path: Path) -> None:

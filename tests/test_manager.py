@@ -22,7 +22,7 @@ from sessionstore import (
     VersionConflictError,
 )
 from tests.conftest import ManagerFactory
-from tests.helpers import ManualClock, wait_until
+from tests.helpers import ManualClock, threads_left, wait_until
 
 pytestmark = pytest.mark.contract
 
@@ -463,15 +463,7 @@ async def test_no_task_or_thread_outlives_aclose(make_manager: ManagerFactory) -
             assert set(threading.enumerate()) - threads_before  # aiosqlite's threads ran
     leftover = {t for t in asyncio.all_tasks() - tasks_before if not t.done()}
     assert leftover == set()
-
-    def driver_threads_gone() -> bool:
-        return not {t for t in set(threading.enumerate()) - threads_before if t.is_alive()}
-
-    for _ in range(100):  # a closed aiosqlite thread exits right after its last reply
-        if driver_threads_gone():
-            break
-        await asyncio.sleep(0.01)
-    assert driver_threads_gone()
+    assert await threads_left(threads_before) == set()
 
 
 def test_from_env_reads_the_session_variables(

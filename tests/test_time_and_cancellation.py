@@ -13,7 +13,7 @@ import pytest
 
 from sessionstore import SessionManager
 from tests.conftest import ManagerFactory
-from tests.helpers import ManualClock
+from tests.helpers import ManualClock, threads_left
 
 
 @pytest.mark.contract
@@ -100,10 +100,6 @@ async def test_cancelled_ensure_is_either_created_or_absent(
         assert (await m.ensure("after")).session_id == "after"
 
 
-def _driver_threads(before: set[threading.Thread]) -> set[threading.Thread]:
-    return {t for t in set(threading.enumerate()) - before if t.is_alive()}
-
-
 async def test_cancelled_reads_and_a_quick_aclose_leave_no_connection_open(
     db_path: Path, clock: ManualClock
 ) -> None:
@@ -129,8 +125,4 @@ async def test_cancelled_reads_and_a_quick_aclose_leave_no_connection_open(
                 task.cancel()
             await asyncio.gather(*reads, return_exceptions=True)
         assert not Path(f"{db_path}-wal").exists(), f"a connection outlived aclose ({steps=})"
-    for _ in range(100):  # a closed aiosqlite thread exits right after its last reply
-        if not _driver_threads(threads_before):
-            break
-        await asyncio.sleep(0.01)
-    assert _driver_threads(threads_before) == set()
+    assert await threads_left(threads_before) == set()
