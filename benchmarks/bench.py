@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
 import contextlib
 import cProfile
 import functools
@@ -28,7 +27,6 @@ import logging
 import os
 import platform
 import pstats
-import random
 import secrets
 import shutil
 import signal
@@ -47,7 +45,7 @@ from typing import Any, TypeVar
 from sqlalchemy.engine import URL, make_url
 
 import sessionstore
-from sessionstore import SessionManager
+from sessionstore import SessionManager, new_session_id
 
 try:
     import redis.asyncio as aioredis
@@ -180,14 +178,18 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 
 
 def new_id() -> str:
-    """A session id shaped like the manager's own (128 random bits, 22 characters)."""
-    return secrets.token_urlsafe(16)
+    """A session id made the way the manager makes it (time-ordered, 128 random bits)."""
+    return new_session_id()
 
 
-def fake_ids(n: int, seed: int) -> list[str]:
-    """``n`` distinct ids shaped like :func:`new_id`'s, reproducible."""
-    rng = random.Random(seed)
-    return [base64.urlsafe_b64encode(rng.randbytes(16)).rstrip(b"=").decode() for _ in range(n)]
+def fake_ids(n: int, created: Callable[[int], float]) -> list[str]:
+    """``n`` ids made the way the manager makes them, row ``i`` created at ``created(i)``.
+
+    The manager's ids sort by creation time, so the rows of a populated table lie in
+    the primary-key index in the order their sessions were created, as they would
+    in a database the manager had filled itself.
+    """
+    return [new_session_id(created(i)) for i in range(n)]
 
 
 def new_rows(count: int) -> list[tuple[str, float, float, str]]:
@@ -196,10 +198,13 @@ def new_rows(count: int) -> list[tuple[str, float, float, str]]:
     return [(new_id(), now, now, json.dumps(DATA, separators=(",", ":"))) for _ in range(count)]
 
 
-@functools.lru_cache(maxsize=4)
-def shared_ids(n: int, seed: int) -> tuple[str, ...]:
-    """:func:`fake_ids`, made once per run (the big SQLite and PostgreSQL tables share them)."""
-    return tuple(fake_ids(n, seed))
+@functools.lru_cache(maxsize=2)
+def shared_ids(n: int) -> tuple[str, ...]:
+    """The ids of the big table (row ``i`` created at BASE+i), made once per run.
+
+    The big SQLite and PostgreSQL tables share them.
+    """
+    return tuple(fake_ids(n, lambda i: BASE + i))
 
 
 def clock_for(n: int, expired_fraction: float) -> float:
@@ -500,7 +505,7 @@ class PgSide:
         Built once by COPY; afterwards rows that a cleanup deleted from the expired
         end (the lowest ``i``) are put back, and anything else rebuilds it.
         """
-        ids = shared_ids(n, seed=4)
+        ids = shared_ids(n)
         if self.state == "big" and len(self._big_ids) == n and await self._restore_prefix():
             return ids
         started = time.perf_counter()
@@ -648,9 +653,9 @@ class Context:
         shutil.copyfile(self._template, path)
         return path
 
-    async def live_db(self, name: str, seed: int) -> tuple[Path, list[str]]:
+    async def live_db(self, name: str) -> tuple[Path, list[str]]:
         """A fresh database of ``sizes.live`` sessions, all last active at BASE; their ids."""
-        ids = fake_ids(self.sizes.live, seed)
+        ids = fake_ids(self.sizes.live, lambda _i: BASE)
         path = await self.fresh_db(name)
         populate(path, ids, lambda _i: BASE)
         return path, ids
@@ -661,7 +666,7 @@ class Context:
             n = self.sizes.big
             started = time.perf_counter()
             path = await self.fresh_db("big-template.db")
-            ids = shared_ids(n, seed=4)
+            ids = shared_ids(n)
             populate(path, ids, lambda i: BASE + i)
             self._big = (path, ids)
             size = path.stat().st_size
@@ -980,7 +985,7 @@ async def scenario_touch(ctx: Context) -> None:
     """update_activity on live sessions from 256 tasks, and the flush's write rate."""
     s = ctx.sizes
     n = s.live
-    path, ids = await ctx.live_db("touch.db", seed=2)
+    path, ids = await ctx.live_db("touch.db")
     touched = await ss_touch(ctx, path, ids, load_tasks=1)
     ss, flush_seconds = touched.rate, touched.flush_seconds
     ss_flush = n / flush_seconds
@@ -1168,7 +1173,7 @@ async def scenario_get(ctx: Context) -> None:
     """get() of live sessions from 256 tasks: first get after a restart, then cached."""
     s = ctx.sizes
     n = s.live
-    path, ids = await ctx.live_db("get.db", seed=3)
+    path, ids = await ctx.live_db("get.db")
     ss_cold, ss, missing = await ss_get(ctx, path, ids)
     raw = raw_get_rate(path, ids, s.tasks, s.duration)
     on_pg = await ctx.on_pg("get", functools.partial(pg_get, ctx, ids))
@@ -1498,7 +1503,7 @@ async def scenario_restart(ctx: Context) -> None:
     cleanup starts deleting the expired half, which would change the next one.
     """
     s = ctx.sizes
-    small_ids = fake_ids(s.small, seed=5)
+    small_ids = fake_ids(s.small, lambda i: BASE + i)
     small = await ctx.fresh_db("restart-small.db")
     populate(small, small_ids, lambda i: BASE + i)
     big, big_ids = await ctx.big()
@@ -1603,7 +1608,7 @@ async def pg_restart(
         await pg.big(s.big)
         return pg.url
 
-    big_ids = shared_ids(s.big, seed=4)  # what pg.big() loads
+    big_ids = shared_ids(s.big)  # what pg.big() loads
     out: dict[int, tuple[float, str]] = {}
     for n, prepare, live_id in (
         (s.small, load_small, small_ids[-1]),
@@ -2129,6 +2134,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--scenario",
         nargs="+",
+        action="extend",
         choices=SCENARIOS,
         metavar="NAME",
         help=f"run only these ({', '.join(SCENARIOS)})",

@@ -30,7 +30,7 @@ from .errors import (
     VersionConflictError,
 )
 from .manager import RecoveryReport, ResumeResult, SessionManager
-from .session import Session
+from .session import Session, new_session_id
 
 try:
     __version__ = version("sessionstore")
@@ -58,4 +58,5 @@ __all__ = [
     "UnknownRevisionError",
     "VersionConflictError",
     "__version__",
+    "new_session_id",
 ]

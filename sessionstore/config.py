@@ -61,6 +61,7 @@ class Settings:
     synchronous: str = "FULL"
     busy_timeout_ms: int = 5000
     cleanup_chunk_rows: int = 500
+    cleanup_chunk_secs: float = 0.02
     tombstone_retention_secs: float = 7 * 86400.0
     refresh_interval_secs: float = 5.0
     startup_check_max_bytes: int = 64 * 1024 * 1024
@@ -86,6 +87,7 @@ class Settings:
             "startup_check_max_bytes": "disables the check",
             "refresh_interval_secs": "disables it",
             "checkpoint_interval_secs": "means SQLite checkpoints inside commits",
+            "cleanup_chunk_secs": "keeps every chunk at cleanup_chunk_rows",
             "busy_timeout_ms": "means no waiting",
         }
         for name, meaning in zero_means.items():

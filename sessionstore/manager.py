@@ -23,7 +23,7 @@ import os
 import secrets
 import struct
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -40,7 +40,7 @@ from .errors import (
     StorageError,
     VersionConflictError,
 )
-from .session import Session
+from .session import Session, new_session_id
 from .store import CreateResult, NewSession, SessionRow, SessionStore, dumps, loads
 from .writer import GroupCommitWriter
 
@@ -116,6 +116,24 @@ def _touched(entry: _Entry, last_activity: float) -> _Entry:
 def _valid_id(session_id: object) -> bool:
     """Ids are non-empty printable text (so they can be stored, logged and compared)."""
     return isinstance(session_id, str) and session_id != "" and session_id.isprintable()
+
+
+#: Bounds of an adaptive cleanup chunk (rows): the floor, unless the first chunk is
+#: smaller, and the ceiling.
+_CHUNK_ROWS_MIN, _CHUNK_ROWS_MAX = 50, 100_000
+
+
+def _next_chunk_rows(rows: int, took: float, target: float, first: int) -> int:
+    """The size of the cleanup chunk after one of ``rows`` that took ``took`` seconds.
+
+    Aimed at ``target`` seconds, at most double the last, never below the smaller of
+    ``first`` and 50 rows; ``target`` 0 keeps ``rows``. The same idea as
+    pt-archiver's and pt-online-schema-change's ``--chunk-time``.
+    """
+    if target <= 0:
+        return rows
+    aimed = int(rows * target / max(took, 1e-9))
+    return max(min(_CHUNK_ROWS_MIN, first), min(aimed, 2 * rows, _CHUNK_ROWS_MAX))
 
 
 def hash_token(token: str) -> str:
@@ -397,8 +415,7 @@ class SessionManager:
             if live is not None:
                 return self._snapshot(session_id, live)
         text = self._encode(data) if data else "{}"
-        # 128 random bits, URL-safe, 22 characters (a short key keeps the cache small).
-        new_id = session_id or secrets.token_urlsafe(16)
+        new_id = session_id or new_session_id()
         new = NewSession(new_id, now, text, session_id is not None)
         result: CreateResult = await writer.submit("create", new)
         if result.row is None:
@@ -475,23 +492,31 @@ class SessionManager:
     async def cleanup_stale_sessions(self, *, progress: Callable[[int], None] | None = None) -> int:
         """Delete every expired session (in chunks); returns how many were deleted.
 
-        Each chunk of ``cleanup_chunk_rows`` is its own short transaction, so the
-        write lock is never held for long; ``progress`` hears each chunk's count.
+        Each chunk is its own short transaction, so the write lock is never held for
+        long. The first chunk has ``cleanup_chunk_rows`` rows; later ones are sized
+        from the rows per second of the one before to take about
+        ``cleanup_chunk_secs`` (rows that lie together in the file delete many times
+        faster than rows spread over it). ``progress`` hears each chunk's count.
         """
         writer = self._running_writer()
         started = time.perf_counter()
         now = self._clock()
         for sid in [s for s, e in self._cache.items() if _last(e) > now]:
             self._cache.pop(sid)  # from the future: reload the clamped row
-        total = 0
+        total, rows, first = 0, self.settings.cleanup_chunk_rows, True
         while True:
-            deleted: list[str] = await writer.submit("cleanup", now)
+            chunk_started = time.perf_counter()
+            deleted: list[str] = await writer.submit("cleanup", (now, first, rows))
+            took, first = time.perf_counter() - chunk_started, False
             self._gone(deleted, "expired")
             total += len(deleted)
             if progress is not None:
                 progress(len(deleted))
-            if len(deleted) < self.settings.cleanup_chunk_rows:
+            if len(deleted) < rows:
                 break
+            rows = _next_chunk_rows(
+                rows, took, self.settings.cleanup_chunk_secs, self.settings.cleanup_chunk_rows
+            )
         for sid in [s for s, e in self._cache.items() if self._expired(_last(e), now)]:
             self._cache.pop(sid)
         self.counters["cleanup_runs"] += 1
@@ -628,8 +653,15 @@ class SessionManager:
         """
         self._running_writer()
         ids = list(self._cache if session_ids is None else session_ids)
+        seen = {sid: self._cache.get(sid) for sid in ids}
         rows = {row.session_id: row for row in await self._store.fetch_many(ids)}
-        gone = [sid for sid in ids if sid not in rows and sid in self._cache]
+        # Gone only if the entry is the one the read was about: a session created or
+        # changed here while the read ran is not judged by it.
+        gone = [
+            sid
+            for sid in ids
+            if sid not in rows and seen[sid] is not None and self._cache.get(sid) is seen[sid]
+        ]
         for sid, row in rows.items():
             if sid in self._cache:
                 self._remember(row)
@@ -646,14 +678,17 @@ class SessionManager:
         """Stop calling ``listener``."""
         self._listeners.remove(listener)
 
-    def _gone(self, session_ids: Iterable[str], reason: str) -> None:
-        writer = self._writer
+    def _gone(self, session_ids: Collection[str], reason: str) -> None:
+        if not session_ids:
+            return
+        cache, writer, listeners = self._cache, self._writer, list(self._listeners)
         for sid in session_ids:
-            self._cache.pop(sid, None)
-            if writer is not None:
-                writer.forget(sid)
-            self.counters["removed" if reason == "removed" else "expired"] += 1
-            for listener in list(self._listeners):
+            cache.pop(sid, None)
+        if writer is not None:
+            writer.forget(session_ids)
+        self.counters["removed" if reason == "removed" else "expired"] += len(session_ids)
+        for listener in listeners:
+            for sid in session_ids:
                 try:
                     listener(sid, reason)
                 except Exception:
@@ -681,9 +716,21 @@ class SessionManager:
         return {row.session_id: row for row in await self._store.fetch_many(session_ids)}
 
     def _remember(self, row: SessionRow) -> _Entry:
-        """Cache the row; activity this manager saw later than the row's is kept."""
+        """Cache the row; activity this manager saw later than the row's is kept.
+
+        A row older than the cached entry (a read that began before this manager's
+        own write committed) changes nothing but the activity time.
+        """
         cached = self._cache.get(row.session_id)
-        last = row.last_activity if cached is None else max(_last(cached), row.last_activity)
+        if cached is None:
+            last = row.last_activity
+        else:
+            created_at, last, version = _HEAD.unpack_from(cached)
+            if created_at == row.created_at and version > row.version:
+                if row.last_activity > last:
+                    cached = self._cache[row.session_id] = _touched(cached, row.last_activity)
+                return cached
+            last = max(last, row.last_activity)
         entry = self._cache[row.session_id] = _pack(row.created_at, last, row.version, row.data)
         return entry
 
@@ -772,17 +819,20 @@ class SessionManager:
             results.append(SessionStore.store_token(conn, session_id, token_hash, now=now))
         return results
 
-    def _apply_cleanup_chunk(self, conn: Connection, nows: list[float], _now: float) -> list[Any]:
-        now = nows[0]  # the time cleanup_stale_sessions() was called
-        clamped = SessionStore.clamp_future(conn, now)
-        if clamped:
-            log.warning(
-                "clock moved backwards: %d sessions had activity in the future", len(clamped)
-            )
-        deleted = SessionStore.delete_expired_chunk(
-            conn, self._cutoff(now), self.settings.cleanup_chunk_rows, now=now
-        )
-        if len(deleted) < self.settings.cleanup_chunk_rows:
+    def _apply_cleanup_chunk(
+        self, conn: Connection, args: list[tuple[float, bool, int]], _now: float
+    ) -> list[Any]:
+        # The time cleanup_stale_sessions() was called, whether this is its first
+        # chunk, and the chunk's size.
+        now, first, rows = args[0]
+        if first:
+            clamped = SessionStore.clamp_future(conn, now)
+            if clamped:
+                log.warning(
+                    "clock moved backwards: %d sessions had activity in the future", len(clamped)
+                )
+        deleted = SessionStore.delete_expired_chunk(conn, self._cutoff(now), rows, now=now)
+        if len(deleted) < rows:
             SessionStore.purge_tombstones(conn, now - self.settings.tombstone_retention_secs)
         return [deleted]
 

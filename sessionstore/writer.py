@@ -19,7 +19,7 @@ import itertools
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from sqlalchemy import Connection
@@ -107,9 +107,12 @@ class GroupCommitWriter:
             self._deadline = asyncio.get_running_loop().time() + self._flush_interval
             self._wakeup.set()
 
-    def forget(self, session_id: str) -> None:
-        """Drop a pending touch (the session is gone)."""
-        self._pending.pop(session_id, None)
+    def forget(self, session_ids: Iterable[str]) -> None:
+        """Drop the pending touches of these sessions (they are gone)."""
+        pending = self._pending
+        if pending:
+            for sid in session_ids:
+                pending.pop(sid, None)
 
     async def submit(self, kind: str, arg: Any = None) -> Any:
         """Queue one write and wait until the transaction holding it has committed."""

@@ -21,11 +21,13 @@ async def _plan(manager: SessionManager, stmt: Any) -> list[str]:
 
 
 async def test_cleanup_delete_uses_last_activity_index(manager: SessionManager) -> None:
-    stmt = SessionStore.expired_chunk_statement(cutoff=1000.0, chunk=500)
+    stmt = SessionStore.expired_chunk_statement("sqlite", cutoff=1000.0, chunk=500)
     sql = str(stmt.compile(dialect=manager.store.engine.dialect))
     assert "sessions.last_activity < ?" in sql  # the raw column, a bound parameter
     plan = await _plan(manager, stmt)
     assert any("INDEX ix_sessions_last_activity (last_activity<?)" in step for step in plan), plan
+    # Each victim is deleted by its rowid, not looked up again by session_id.
+    assert any("INTEGER PRIMARY KEY (rowid=?)" in step for step in plan), plan
     assert not any(step.startswith("SCAN sessions") for step in plan), plan
 
 

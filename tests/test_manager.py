@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import re
 import threading
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from sessionstore import (
     SessionNotFoundError,
     SessionStoreError,
     VersionConflictError,
+    new_session_id,
 )
 from tests.conftest import ManagerFactory
 from tests.helpers import ManualClock, threads_left, wait_until
@@ -40,7 +42,19 @@ async def test_ensure_with_id_creates_session(manager: SessionManager, clock: Ma
 async def test_ensure_without_id_generates_unique_ids(manager: SessionManager) -> None:
     ids = {(await manager.ensure()).session_id for _ in range(20)}
     assert len(ids) == 20
-    assert all(len(i) >= 22 for i in ids)  # 128 random bits
+    assert all(len(i) == 30 for i in ids)  # a 48-bit time and 128 random bits
+
+
+def test_new_ids_sort_by_creation_time() -> None:
+    times = [0.0, 0.001, 1.0, 1_700_000_000.0, 1_700_000_000.001, 1_800_000_000.5, 2e11]
+    ids = [new_session_id(t) for t in times]
+    assert ids == sorted(ids)  # bytewise, as SQLite's BINARY collation compares them
+    # URL-safe, shell-safe, and never read as a command-line option.
+    assert all(re.fullmatch(r"[0-9A-Za-z_~]{30}", i) for i in ids), ids
+    assert new_session_id(-5.0) < ids[1]  # out-of-range times are clamped, not an error
+    assert new_session_id(1e300) > ids[-1]
+    # Within one millisecond the random part keeps them apart.
+    assert len({new_session_id(1_700_000_000.0) for _ in range(10_000)}) == 10_000
 
 
 async def test_ensure_existing_id_returns_it_without_overwriting(
@@ -161,15 +175,52 @@ async def test_cleanup_in_chunks_deletes_everything(
     make_manager: ManagerFactory, clock: ManualClock
 ) -> None:
     async with make_manager(
-        session_timeout_secs=60, max_concurrent_sessions=0, cleanup_chunk_rows=7
+        session_timeout_secs=60,
+        max_concurrent_sessions=0,
+        cleanup_chunk_rows=7,
+        cleanup_chunk_secs=0,  # fixed chunks
     ) as m:
         await asyncio.gather(*(m.ensure() for _ in range(50)))
         clock.advance(61)
         chunks: list[int] = []
         assert await m.cleanup_stale_sessions(progress=chunks.append) == 50
-        assert max(chunks) == 7
-        assert sum(chunks) == 50
+        assert chunks == [7, 7, 7, 7, 7, 7, 7, 1]
         assert (await m.get_session_metrics())["total_sessions"] == 0
+
+
+@pytest.mark.parametrize(
+    ("chunk_secs", "expected"),
+    [
+        (60.0, [7, 14, 28, 1]),  # every chunk far quicker than its aim: each one doubles
+        (1e-9, [7, 7, 7, 7, 7, 7, 7, 1]),  # every chunk too slow: held at the first size
+    ],
+)
+async def test_cleanup_chunks_are_sized_by_time(
+    make_manager: ManagerFactory, clock: ManualClock, chunk_secs: float, expected: list[int]
+) -> None:
+    async with make_manager(
+        session_timeout_secs=60,
+        max_concurrent_sessions=0,
+        cleanup_chunk_rows=7,
+        cleanup_chunk_secs=chunk_secs,
+    ) as m:
+        await asyncio.gather(*(m.ensure() for _ in range(50)))
+        clock.advance(61)
+        chunks: list[int] = []
+        assert await m.cleanup_stale_sessions(progress=chunks.append) == 50
+        assert chunks == expected
+
+
+def test_next_chunk_size_aims_at_the_target_time() -> None:
+    from sessionstore.manager import _next_chunk_rows as next_rows
+
+    assert next_rows(1000, took=0.010, target=0.020, first=500) == 2000  # on pace: double
+    assert next_rows(1000, took=0.001, target=0.020, first=500) == 2000  # never more
+    assert next_rows(1000, took=0.040, target=0.020, first=500) == 500  # too slow: halve
+    assert next_rows(1000, took=5.0, target=0.020, first=500) == 50  # a stall: the floor
+    assert next_rows(10, took=5.0, target=0.020, first=7) == 7  # a smaller first size
+    assert next_rows(80_000, took=0.001, target=0.020, first=500) == 100_000  # the ceiling
+    assert next_rows(1000, took=0.001, target=0, first=500) == 1000  # 0: fixed
 
 
 async def test_periodic_cleanup_task_runs_every_interval(

@@ -109,3 +109,31 @@ async def test_a_version_conflict_refreshes_the_stale_cache(make_manager: Manage
         assert got is not None
         assert (got.data, got.version) == ({"n": 1}, 2)
         assert (await a.set_data("s", {"n": 2}, if_version=got.version)).version == 3
+
+
+async def test_a_read_that_began_before_a_write_does_not_roll_the_cache_back(
+    make_manager: ManagerFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A refresh (the daemon runs one for its attached sessions) reads the row, and a
+    # set_data commits before that read's result is cached: the older row must not
+    # replace the newer version the manager already holds. Found by the daemon fuzz test.
+    async with make_manager() as m:
+        await m.ensure("s", data={"n": 0})
+        real_fetch = m.store.fetch_many
+        read_done, go_on = asyncio.Event(), asyncio.Event()
+
+        async def fetch_then_wait(ids: list[str]) -> list[object]:
+            rows = await real_fetch(ids)  # a real read, at version 1
+            read_done.set()
+            await go_on.wait()
+            return rows
+
+        monkeypatch.setattr(m.store, "fetch_many", fetch_then_wait)
+        refreshing = asyncio.create_task(m.refresh(["s"]))
+        await read_done.wait()
+        assert (await m.set_data("s", {"n": 1})).version == 2
+        go_on.set()
+        assert await refreshing == []
+        got = await m.get("s")
+        assert got is not None
+        assert (got.data, got.version) == ({"n": 1}, 2)
