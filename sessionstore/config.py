@@ -61,7 +61,7 @@ class Settings:
     synchronous: str = "FULL"
     busy_timeout_ms: int = 5000
     cleanup_chunk_rows: int = 500
-    cleanup_chunk_secs: float = 0.02
+    cleanup_chunk_secs: float = 0.005
     tombstone_retention_secs: float = 7 * 86400.0
     refresh_interval_secs: float = 5.0
     startup_check_max_bytes: int = 64 * 1024 * 1024

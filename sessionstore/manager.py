@@ -118,22 +118,22 @@ def _valid_id(session_id: object) -> bool:
     return isinstance(session_id, str) and session_id != "" and session_id.isprintable()
 
 
-#: Bounds of an adaptive cleanup chunk (rows): the floor, unless the first chunk is
-#: smaller, and the ceiling.
-_CHUNK_ROWS_MIN, _CHUNK_ROWS_MAX = 50, 100_000
+#: The largest adaptive cleanup chunk (rows).
+_CHUNK_ROWS_MAX = 100_000
 
 
 def _next_chunk_rows(rows: int, took: float, target: float, first: int) -> int:
     """The size of the cleanup chunk after one of ``rows`` that took ``took`` seconds.
 
-    Aimed at ``target`` seconds, at most double the last, never below the smaller of
-    ``first`` and 50 rows; ``target`` 0 keeps ``rows``. The same idea as
+    Aimed at ``target`` seconds, at most double the last, never below ``first`` (the
+    configured size: where every commit is slow, such as on a slow disk, chunks stay
+    what they would be without adapting); ``target`` 0 keeps ``rows``. The idea of
     pt-archiver's and pt-online-schema-change's ``--chunk-time``.
     """
     if target <= 0:
         return rows
     aimed = int(rows * target / max(took, 1e-9))
-    return max(min(_CHUNK_ROWS_MIN, first), min(aimed, 2 * rows, _CHUNK_ROWS_MAX))
+    return max(first, min(aimed, 2 * rows, _CHUNK_ROWS_MAX))
 
 
 def hash_token(token: str) -> str:

@@ -217,8 +217,8 @@ def test_next_chunk_size_aims_at_the_target_time() -> None:
     assert next_rows(1000, took=0.010, target=0.020, first=500) == 2000  # on pace: double
     assert next_rows(1000, took=0.001, target=0.020, first=500) == 2000  # never more
     assert next_rows(1000, took=0.040, target=0.020, first=500) == 500  # too slow: halve
-    assert next_rows(1000, took=5.0, target=0.020, first=500) == 50  # a stall: the floor
-    assert next_rows(10, took=5.0, target=0.020, first=7) == 7  # a smaller first size
+    assert next_rows(1000, took=0.030, target=0.020, first=500) == 666
+    assert next_rows(1000, took=5.0, target=0.020, first=500) == 500  # never below the first
     assert next_rows(80_000, took=0.001, target=0.020, first=500) == 100_000  # the ceiling
     assert next_rows(1000, took=0.001, target=0, first=500) == 1000  # 0: fixed
 
