@@ -42,7 +42,7 @@ async def test_ensure_with_id_creates_session(manager: SessionManager, clock: Ma
 async def test_ensure_without_id_generates_unique_ids(manager: SessionManager) -> None:
     ids = {(await manager.ensure()).session_id for _ in range(20)}
     assert len(ids) == 20
-    assert all(len(i) == 30 for i in ids)  # a 48-bit time and 128 random bits
+    assert all(len(i) == 24 for i in ids)  # a 48-bit time and 96 random bits
 
 
 def test_new_ids_sort_by_creation_time() -> None:
@@ -50,7 +50,7 @@ def test_new_ids_sort_by_creation_time() -> None:
     ids = [new_session_id(t) for t in times]
     assert ids == sorted(ids)  # bytewise, as SQLite's BINARY collation compares them
     # URL-safe, shell-safe, and never read as a command-line option.
-    assert all(re.fullmatch(r"[0-9A-Za-z_~]{30}", i) for i in ids), ids
+    assert all(re.fullmatch(r"[0-9A-Za-z_~]{24}", i) for i in ids), ids
     assert new_session_id(-5.0) < ids[1]  # out-of-range times are clamped, not an error
     assert new_session_id(1e300) > ids[-1]
     # Within one millisecond the random part keeps them apart.
