@@ -7,6 +7,7 @@ import asyncio
 import pytest
 
 from sessionstore import Session, SessionLimitError, VersionConflictError
+from sessionstore.store import SessionRow
 from tests.conftest import ManagerFactory
 from tests.helpers import ManualClock, wait_until
 
@@ -122,7 +123,7 @@ async def test_a_read_that_began_before_a_write_does_not_roll_the_cache_back(
         real_fetch = m.store.fetch_many
         read_done, go_on = asyncio.Event(), asyncio.Event()
 
-        async def fetch_then_wait(ids: list[str]) -> list[object]:
+        async def fetch_then_wait(ids: list[str]) -> list[SessionRow]:
             rows = await real_fetch(ids)  # a real read, at version 1
             read_done.set()
             await go_on.wait()
