@@ -24,14 +24,14 @@ def new_session_id(now: float | None = None) -> str:
     """A new unique session id: 24 URL-safe characters that sort by creation time.
 
     The first 8 characters carry ``now`` (default: the wall clock) in milliseconds,
-    the other 16 carry 96 random bits from ``os.urandom`` (the source :mod:`secrets`
-    uses; more than UUIDv7's 74 or ULID's 80, and a collision would need billions of
-    ids made in one millisecond).
-    Ids made later sort after earlier ones, so a new row lands at the end of the
-    primary-key index and a batch of creates rewrites a few index pages instead of
-    one page per row; sessions that expire together sit together, so cleanup
-    rewrites few pages too (the idea of UUIDv7, RFC 9562). The creation time is
-    readable from the id: ids are public (safe to log); resume tokens are the secret.
+    the other 16 carry 96 random bits from ``os.urandom``, the source :mod:`secrets`
+    uses (UUIDv7 has 74, ULID 80; a collision needs billions of ids in one millisecond).
+
+    Ids made later sort after earlier ones (the idea of UUIDv7, RFC 9562), so a new
+    row lands at the end of the primary-key index, and a batch of creates rewrites a
+    few index pages instead of one page per row; sessions that expire together lie
+    together, so cleanup rewrites few pages too. The creation time can be read from
+    the id: ids are public (safe to log); resume tokens are the secret.
     """
     ms = int((time.time() if now is None else now) * 1000)
     if not 0 <= ms <= _MAX_MS:
