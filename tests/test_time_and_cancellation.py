@@ -62,8 +62,10 @@ async def test_cancelled_writes_leave_rows_old_or_new_and_the_lock_free(
                 outcomes["cancelled"] += 1
         assert outcomes["cancelled"] > 0
         assert outcomes["done"] > 0
-        await m.get("c")  # let any in-flight transaction finish
-        await m.list_ids()  # a flush barrier: the writer has drained
+        # A pending touch makes list_ids() a real barrier: it commits after every
+        # write queued before it, so no transaction is still running.
+        assert await m.update_activity("c")
+        await m.list_ids()
         # Another connection can take the write lock at once: nothing is stranded.
         other = sqlite3.connect(db_path, timeout=0, isolation_level=None)
         try:

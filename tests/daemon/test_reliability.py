@@ -630,7 +630,13 @@ async def rig(
 
 
 def _expect_set(model: _Model, request: p.Set) -> tuple[str, dict[str, Any] | None]:
-    """``(outcome, new data)`` that a set must have on the model's session."""
+    """``(outcome, new data)`` that a set must have on the model's session.
+
+    In the manager's order: the update alone is measured first, then the version is
+    compared, then the merged data is measured.
+    """
+    if len(dumps(request.data).encode("utf-8")) > _MAX_DATA:
+        return "too_large", None
     if request.if_version is not None and request.if_version != model.version:
         return "version_conflict", None
     merged = {**model.data, **request.data}
@@ -782,23 +788,28 @@ async def test_memory_is_steady_under_a_stream_of_malformed_frames(
                 assert (await receive(ws))["op"] == "error"
 
     tracemalloc.start()
+    growths: list[int] = []
     try:
         await burst(1000)  # warm up under tracing: caches, metric labels, buffers
-        gc.collect()
-        baseline = tracemalloc.get_traced_memory()[0]
-        await burst(2000)
+        # Three rounds, judged by the smallest: a leak grows in every round, while
+        # the traced total also steps for reasons of its own (a hash table that
+        # outgrows its slots, timers cancelled but not yet collected).
+        for _ in range(3):
+            gc.collect()
+            baseline = tracemalloc.get_traced_memory()[0]
+            await burst(2000)
+            gc.collect()
+            growths.append(tracemalloc.get_traced_memory()[0] - baseline)
         assert await request(rig.bystander, {"op": "ping"}) == {"op": "pong", "re": None}
-        gc.collect()
-        growth = tracemalloc.get_traced_memory()[0] - baseline
     finally:
         tracemalloc.stop()
-    assert growth < 64 * 1024, f"{growth} bytes more after 2,000 malformed frames"
+    assert min(growths) < 64 * 1024, f"bytes more after each 2,000 malformed frames: {growths}"
     assert rig.stored() == before
     _assert_no_error_logs(rig)
     assert rig.server.connected == 2
     counted = rig.server.metrics.protocol_errors.collect()
     total = sum(s.value for m in counted for s in m.samples if s.name.endswith("_total"))
-    assert total >= 2500  # every malformed frame was seen and answered as an error
+    assert total >= 5800  # every malformed frame was seen and answered as an error
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="prlimit is Linux")

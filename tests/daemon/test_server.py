@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import secrets
 import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -67,9 +66,7 @@ async def test_resume_after_reconnect_keeps_session_and_data_and_rotates_the_tok
     assert stale["session_id"] != first["session_id"]
 
 
-@pytest.mark.parametrize(
-    "token", ["", "short", "x" * 500, secrets.token_urlsafe(32), "ü" * 43, "a b" * 20]
-)
+@pytest.mark.parametrize("token", ["", "short", "x" * 500, "A" * 43, "ü" * 43, "a b" * 20])
 async def test_failed_resume_gets_a_brand_new_session(
     url: str, clients: Clients, token: str
 ) -> None:
