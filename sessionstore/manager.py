@@ -105,6 +105,10 @@ def _pack(created_at: float, last_activity: float, version: int, data: str) -> _
     return _HEAD.pack(created_at, last_activity, version) + data.encode()
 
 
+def _created(entry: _Entry | None) -> float | None:
+    return None if entry is None else float(_TIME.unpack_from(entry, 0)[0])
+
+
 def _last(entry: _Entry) -> float:
     return float(_TIME.unpack_from(entry, 8)[0])
 
@@ -653,14 +657,17 @@ class SessionManager:
         """
         self._running_writer()
         ids = list(self._cache if session_ids is None else session_ids)
-        seen = {sid: self._cache.get(sid) for sid in ids}
+        seen = {sid: _created(self._cache.get(sid)) for sid in ids}
         rows = {row.session_id: row for row in await self._store.fetch_many(ids)}
-        # Gone only if the entry is the one the read was about: a session created or
-        # changed here while the read ran is not judged by it.
+        # Gone only if the cached session is the one the read was about: one created
+        # here (again) while the read ran is not judged by it. Activity and data
+        # changes meanwhile do not make it another session.
         gone = [
             sid
             for sid in ids
-            if sid not in rows and seen[sid] is not None and self._cache.get(sid) is seen[sid]
+            if sid not in rows
+            and seen[sid] is not None
+            and _created(self._cache.get(sid)) == seen[sid]
         ]
         for sid, row in rows.items():
             if sid in self._cache:

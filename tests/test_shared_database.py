@@ -138,3 +138,29 @@ async def test_a_read_that_began_before_a_write_does_not_roll_the_cache_back(
         got = await m.get("s")
         assert got is not None
         assert (got.data, got.version) == ({"n": 1}, 2)
+
+
+async def test_a_session_removed_elsewhere_is_found_gone_despite_activity_during_the_read(
+    make_manager: ManagerFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A chatty client touches its session while the re-read runs; the session that
+    # another process removed must still be found gone (and its client told).
+    async with make_manager() as a, make_manager() as b:
+        await a.ensure("s")
+        assert await b.remove("s")
+        real_fetch = a.store.fetch_many
+        read_done, go_on = asyncio.Event(), asyncio.Event()
+
+        async def fetch_then_wait(ids: list[str]) -> list[SessionRow]:
+            rows = await real_fetch(ids)  # a real read: the row is gone
+            read_done.set()
+            await go_on.wait()
+            return rows
+
+        monkeypatch.setattr(a.store, "fetch_many", fetch_then_wait)
+        refreshing = asyncio.create_task(a.refresh(["s"]))
+        await read_done.wait()
+        assert await a.update_activity("s")  # still cached here, so still "live"
+        go_on.set()
+        assert await refreshing == ["s"]
+        assert await a.get("s") is None
