@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 
 import pytest
 
-from sessionstore import Session, SessionLimitError, VersionConflictError
+from sessionstore import Session, SessionLimitError, SessionManager, VersionConflictError
 from sessionstore.store import SessionRow
 from tests.conftest import ManagerFactory
 from tests.helpers import ManualClock, wait_until
@@ -112,6 +114,30 @@ async def test_a_version_conflict_refreshes_the_stale_cache(make_manager: Manage
         assert (await a.set_data("s", {"n": 2}, if_version=got.version)).version == 3
 
 
+@contextlib.asynccontextmanager
+async def _refresh_held_after_its_read(
+    m: SessionManager, monkeypatch: pytest.MonkeyPatch, ids: list[str]
+) -> AsyncIterator[asyncio.Task[list[str]]]:
+    """Start ``m.refresh(ids)``; inside the block its read (a real one) is done and
+    its result not yet applied. The refresh finishes after the block."""
+    real_fetch = m.store.fetch_many
+    read_done, go_on = asyncio.Event(), asyncio.Event()
+
+    async def fetch_then_wait(session_ids: list[str]) -> list[SessionRow]:
+        rows = await real_fetch(session_ids)
+        read_done.set()
+        await go_on.wait()
+        return rows
+
+    monkeypatch.setattr(m.store, "fetch_many", fetch_then_wait)
+    refreshing = asyncio.create_task(m.refresh(ids))
+    await read_done.wait()
+    try:
+        yield refreshing
+    finally:
+        go_on.set()
+
+
 async def test_a_read_that_began_before_a_write_does_not_roll_the_cache_back(
     make_manager: ManagerFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -120,20 +146,8 @@ async def test_a_read_that_began_before_a_write_does_not_roll_the_cache_back(
     # replace the newer version the manager already holds. Found by the daemon fuzz test.
     async with make_manager() as m:
         await m.ensure("s", data={"n": 0})
-        real_fetch = m.store.fetch_many
-        read_done, go_on = asyncio.Event(), asyncio.Event()
-
-        async def fetch_then_wait(ids: list[str]) -> list[SessionRow]:
-            rows = await real_fetch(ids)  # a real read, at version 1
-            read_done.set()
-            await go_on.wait()
-            return rows
-
-        monkeypatch.setattr(m.store, "fetch_many", fetch_then_wait)
-        refreshing = asyncio.create_task(m.refresh(["s"]))
-        await read_done.wait()
-        assert (await m.set_data("s", {"n": 1})).version == 2
-        go_on.set()
+        async with _refresh_held_after_its_read(m, monkeypatch, ["s"]) as refreshing:
+            assert (await m.set_data("s", {"n": 1})).version == 2  # the read saw version 1
         assert await refreshing == []
         got = await m.get("s")
         assert got is not None
@@ -148,19 +162,7 @@ async def test_a_session_removed_elsewhere_is_found_gone_despite_activity_during
     async with make_manager() as a, make_manager() as b:
         await a.ensure("s")
         assert await b.remove("s")
-        real_fetch = a.store.fetch_many
-        read_done, go_on = asyncio.Event(), asyncio.Event()
-
-        async def fetch_then_wait(ids: list[str]) -> list[SessionRow]:
-            rows = await real_fetch(ids)  # a real read: the row is gone
-            read_done.set()
-            await go_on.wait()
-            return rows
-
-        monkeypatch.setattr(a.store, "fetch_many", fetch_then_wait)
-        refreshing = asyncio.create_task(a.refresh(["s"]))
-        await read_done.wait()
-        assert await a.update_activity("s")  # still cached here, so still "live"
-        go_on.set()
+        async with _refresh_held_after_its_read(a, monkeypatch, ["s"]) as refreshing:
+            assert await a.update_activity("s")  # still cached here, so still "live"
         assert await refreshing == ["s"]
         assert await a.get("s") is None
