@@ -117,6 +117,21 @@ def _touched(entry: _Entry, last_activity: float) -> _Entry:
     return entry[:8] + _TIME.pack(last_activity) + entry[16:]
 
 
+_SCALARS = frozenset({str, int, float, bool, type(None)})
+
+
+def _stored_copy(data: Mapping[str, Any], text: str) -> dict[str, Any]:
+    """A private copy of ``data`` as it reads back from its JSON ``text``.
+
+    A flat dict of plain scalars is its own JSON form (``_encode`` has checked it):
+    copying it costs a fifth of parsing the text.
+    """
+    if type(data) is dict and all(type(v) in _SCALARS for v in data.values()):
+        return dict(data)
+    parsed: dict[str, Any] = loads(text)
+    return parsed
+
+
 def _valid_id(session_id: object) -> bool:
     """Ids are non-empty printable text (so they can be stored, logged and compared)."""
     return isinstance(session_id, str) and session_id != "" and session_id.isprintable()
@@ -424,12 +439,11 @@ class SessionManager:
         result: CreateResult = await writer.submit("create", new)
         if result.row is None:
             raise SessionLimitError(self.settings.max_concurrent_sessions)
-        entry = self._remember(result.row)
         if not result.created:
-            return self._snapshot(new.session_id, entry)
+            return self._snapshot(new.session_id, self._remember(result.row))
+        self._cache[new_id] = _pack(now, now, 1, text)
         self.counters["created"] += 1
-        # What was just stored is what the caller gave: no need to parse it back.
-        return Session(new_id, now, now, loads(text) if data else {}, 1)
+        return Session(new_id, now, now, _stored_copy(data, text) if data else {}, 1)
 
     async def get(self, session_id: str) -> Session | None:
         """The live session with this id, or ``None`` when absent or expired."""
@@ -757,8 +771,8 @@ class SessionManager:
         if not isinstance(data, Mapping) or not all(isinstance(k, str) for k in data):
             raise InvalidDataError("session data must be a JSON object with string keys")
         try:
-            text = dumps(dict(data))
-        except (TypeError, ValueError) as exc:
+            text = dumps(data if type(data) is dict else dict(data))
+        except (TypeError, ValueError, RecursionError) as exc:
             raise InvalidDataError(f"session data is not JSON-serialisable: {exc}") from exc
         try:
             size = len(text.encode("utf-8"))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import binascii
 import os
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -36,8 +37,25 @@ def new_session_id(now: float | None = None) -> str:
     ms = int((time.time() if now is None else now) * 1000)
     if not 0 <= ms <= _MAX_MS:
         ms = 0 if ms < 0 else _MAX_MS
-    raw = ms.to_bytes(6, "big") + os.urandom(12)  # 18 bytes: 24 characters, no padding
+    raw = ms.to_bytes(6, "big") + _random12()  # 18 bytes: 24 characters, no padding
     return binascii.b2a_base64(raw, newline=False).translate(_ORDERED_BASE64).decode()
+
+
+# Random bytes are read from os.urandom 4 KiB at a time (one system call per 341 ids
+# instead of one per id) and handed out in 12-byte pieces. deque.popleft is atomic,
+# so no two callers, in any threads, get the same piece; a forked child drops what it
+# inherited, or parent and child would make the same ids.
+_RANDOM_PIECES: deque[bytes] = deque()
+os.register_at_fork(after_in_child=_RANDOM_PIECES.clear)
+
+
+def _random12() -> bytes:
+    try:
+        return _RANDOM_PIECES.popleft()
+    except IndexError:
+        block = os.urandom(12 * 341)
+        _RANDOM_PIECES.extend(block[i : i + 12] for i in range(12, len(block), 12))
+        return block[:12]
 
 
 @dataclass(slots=True)

@@ -20,7 +20,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 from sqlalchemy import Connection
 
@@ -39,13 +39,10 @@ log = logging.getLogger("sessionstore.writer")
 BatchHandler = Callable[[Connection, list[Any], float], list[Any]]
 
 
-class _Request:
-    __slots__ = ("arg", "future", "kind")
-
-    def __init__(self, kind: str, arg: Any, future: asyncio.Future[Any]) -> None:
-        self.kind = kind
-        self.arg = arg
-        self.future = future
+class _Request(NamedTuple):
+    kind: str
+    arg: Any
+    future: asyncio.Future[Any]
 
 
 class GroupCommitWriter:
@@ -85,13 +82,15 @@ class GroupCommitWriter:
         self._wakeup = asyncio.Event()
         self._closing = False
         self._task: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self.last_flush_lag = 0.0
         self.transactions = 0
 
     def start(self) -> None:
         """Start the writer task."""
         if self._task is None:
-            self._task = asyncio.create_task(self._run(), name="sessionstore-writer")
+            self._loop = asyncio.get_running_loop()
+            self._task = self._loop.create_task(self._run(), name="sessionstore-writer")
 
     @property
     def pending_touches(self) -> int:
@@ -116,9 +115,10 @@ class GroupCommitWriter:
 
     async def submit(self, kind: str, arg: Any = None) -> Any:
         """Queue one write and wait until the transaction holding it has committed."""
-        if self._closing or self._task is None:
+        loop = self._loop
+        if self._closing or loop is None:
             raise ManagerClosedError("session manager is closed")
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[Any] = loop.create_future()
         self._queue.append(_Request(kind, arg, future))
         self._wakeup.set()
         return await future

@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import multiprocessing
 import re
 import threading
+from multiprocessing.connection import Connection
 from pathlib import Path
 
 import pytest
@@ -55,6 +57,27 @@ def test_new_ids_sort_by_creation_time() -> None:
     assert new_session_id(1e300) > ids[-1]
     # Within one millisecond the random part keeps them apart.
     assert len({new_session_id(1_700_000_000.0) for _ in range(10_000)}) == 10_000
+
+
+def _ids_in_child(conn: Connection, now: float) -> None:
+    conn.send([new_session_id(now) for _ in range(50)])
+    conn.close()
+
+
+def test_forked_processes_make_different_ids() -> None:
+    """Random bytes are read ahead: a forked child must not reuse the parent's."""
+    now = 1_700_000_000.0
+    new_session_id(now)  # the parent now holds unused random bytes
+    parent_end, child_end = multiprocessing.Pipe()
+    child = multiprocessing.get_context("fork").Process(target=_ids_in_child, args=(child_end, now))
+    child.start()
+    from_child = parent_end.recv()
+    child.join()
+    parent_end.close()
+    child_end.close()
+    assert child.exitcode == 0
+    mine = [new_session_id(now) for _ in range(50)]
+    assert not set(mine) & set(from_child)
 
 
 async def test_ensure_existing_id_returns_it_without_overwriting(
@@ -435,9 +458,31 @@ async def test_set_data_rejects_missing_oversized_and_unencodable(
             await m.set_data("s", {"bad": object()})
         with pytest.raises(InvalidDataError):
             await m.set_data("s", {"nan": float("nan")})
+        loop: dict[str, object] = {}
+        loop["self"] = [loop]
+        with pytest.raises(InvalidDataError):
+            await m.set_data("s", loop)
+        with pytest.raises(InvalidDataError):
+            await m.ensure("t", data=loop)
         got = await m.get("s")
         assert got is not None
         assert (got.data, got.version) == ({}, 1)
+
+
+async def test_created_session_data_is_a_private_copy_in_json_form(
+    manager: SessionManager,
+) -> None:
+    flat = {"name": "Zoë", "n": 1, "ok": True, "none": None, "x": 0.5}
+    nested = {"pair": (1, 2), "inner": {"k": "v"}}
+    for data in (flat, nested):
+        session = await manager.ensure(data=data)
+        stored = await manager.list_sessions()
+        assert session.data == json.loads(json.dumps(data))  # tuples read back as lists
+        assert session.data == next(s.data for s in stored if s.session_id == session.session_id)
+        session.data["added"] = 1
+        assert "added" not in data
+        again = await manager.get(session.session_id)
+        assert again is not None and "added" not in again.data
 
 
 async def test_data_is_stored_as_plain_json_text(manager: SessionManager) -> None:
