@@ -482,7 +482,8 @@ async def test_created_session_data_is_a_private_copy_in_json_form(
         session.data["added"] = 1
         assert "added" not in data
         again = await manager.get(session.session_id)
-        assert again is not None and "added" not in again.data
+        assert again is not None
+        assert "added" not in again.data
 
 
 async def test_data_is_stored_as_plain_json_text(manager: SessionManager) -> None:
