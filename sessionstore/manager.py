@@ -223,6 +223,8 @@ class SessionManager:
             checkpoint_interval_secs=self.settings.checkpoint_interval_secs,
         )
         self._cache: dict[str, _Entry] = {}
+        #: The store's change marker when every cached session was last known current.
+        self._fresh_as_of: object | None = None
         # Cache misses and resumes made at the same time share one query.
         self._row_loader: BatchLoader[str, SessionRow] = BatchLoader(self._fetch_rows)
         self._token_loader: BatchLoader[str, tuple[SessionRow | None, str | None]] = BatchLoader(
@@ -308,6 +310,12 @@ class SessionManager:
             started = time.perf_counter()
             check_limit = self.settings.startup_check_max_bytes
             await self._store.open(check_max_bytes=check_limit)
+            try:
+                # The cache is empty: whatever it holds later is read after this marker.
+                self._fresh_as_of = await self._store.change_marker()
+            except BaseException:
+                await self._store.close()
+                raise
             self._writer = GroupCommitWriter(
                 self._store,
                 {
@@ -384,6 +392,7 @@ class SessionManager:
                     await self._writer.aclose()
             finally:
                 self._cache.clear()
+                self._fresh_as_of = None
                 await self._store.close()
 
     @property
@@ -666,13 +675,23 @@ class SessionManager:
         Args:
             session_ids: Which cached sessions to check (default: all of them).
 
+        On SQLite the re-read is skipped while no other connection has committed
+        since every cached session was last read (``PRAGMA data_version``): a daemon
+        alone on its database pays nothing for this, however many sessions it holds.
+
         Returns:
             The ids found deleted; removal listeners hear of them (reason ``removed``).
         """
         self._running_writer()
+        marker = await self._store.change_marker()
+        if marker is not None and marker == self._fresh_as_of:
+            return []  # no other connection has committed since the cache was last read
         ids = list(self._cache if session_ids is None else session_ids)
         seen = {sid: _created(self._cache.get(sid)) for sid in ids}
         rows = {row.session_id: row for row in await self._store.fetch_many(ids)}
+        if session_ids is None:
+            # Every cached session has now been read after ``marker`` was taken.
+            self._fresh_as_of = marker
         # Gone only if the cached session is the one the read was about: one created
         # here (again) while the read ran is not judged by it. Activity and data
         # changes meanwhile do not make it another session.

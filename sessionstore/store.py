@@ -581,6 +581,32 @@ class SessionStore:
         with self._write_engine.begin() as conn:
             return work(conn)
 
+    async def change_marker(self) -> object | None:
+        """A value that changes whenever another connection commits to the database.
+
+        SQLite: ``PRAGMA data_version`` of the writer's own connection, which that
+        connection's commits (all of this store's writes) leave alone, paired with
+        the connection (a new one counts from its own start). ``None`` where there is
+        no such counter (PostgreSQL): anything may have changed.
+        """
+        if self._write_thread is None:
+            return None
+        loop = asyncio.get_running_loop()
+        async with self.guard():
+            return await self._to_the_end(
+                _in_executor(loop, self._write_thread, self._data_version)
+            )
+
+    def _data_version(self) -> tuple[object, int]:
+        if self._write_engine is None:
+            raise StorageError(f"{self.label}: store is not open")
+        with self._write_engine.connect() as conn:  # no transaction: a bare pragma
+            dbapi = conn.connection.dbapi_connection
+            if dbapi is None:
+                raise StorageError(f"{self.label}: writer connection is closed")
+            (version,) = dbapi.execute("PRAGMA data_version").fetchone()
+            return dbapi, int(version)
+
     async def read(self, work: Callable[[AsyncConnection], Awaitable[T]]) -> T:
         """Run ``work`` on a pooled connection without an explicit transaction.
 
@@ -878,6 +904,12 @@ _BULK: dict[str, Any] = {
 #: The order of each statement's parameters in the tuples passed to it.
 _BULK_ORDER = {"insert": tuple(c.name for c in _COLUMNS), "touch": ("ts", "sid")}
 _compiled: dict[tuple[str, str], str] = {}
+
+
+async def _in_executor(
+    loop: asyncio.AbstractEventLoop, executor: ThreadPoolExecutor, work: Callable[[], T]
+) -> T:
+    return await loop.run_in_executor(executor, work)
 
 
 def _executemany(conn: Connection, name: str, rows: Sequence[Sequence[Any]]) -> None:

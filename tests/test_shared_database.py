@@ -131,7 +131,10 @@ async def _refresh_held_after_its_read(
 
     monkeypatch.setattr(m.store, "fetch_many", fetch_then_wait)
     refreshing = asyncio.create_task(m.refresh(ids))
-    await read_done.wait()
+    reading = asyncio.create_task(read_done.wait())
+    await asyncio.wait({refreshing, reading}, return_when=asyncio.FIRST_COMPLETED)
+    reading.cancel()
+    assert read_done.is_set(), "the refresh returned without reading"
     try:
         yield refreshing
     finally:
@@ -144,8 +147,9 @@ async def test_a_read_that_began_before_a_write_does_not_roll_the_cache_back(
     # A refresh (the daemon runs one for its attached sessions) reads the row, and a
     # set_data commits before that read's result is cached: the older row must not
     # replace the newer version the manager already holds. Found by the daemon fuzz test.
-    async with make_manager() as m:
+    async with make_manager() as m, make_manager() as other:
         await m.ensure("s", data={"n": 0})
+        await other.ensure("elsewhere")  # another process wrote: the refresh reads
         async with _refresh_held_after_its_read(m, monkeypatch, ["s"]) as refreshing:
             assert (await m.set_data("s", {"n": 1})).version == 2  # the read saw version 1
         assert await refreshing == []
@@ -166,3 +170,55 @@ async def test_a_session_removed_elsewhere_is_found_gone_despite_activity_during
             assert await a.update_activity("s")  # still cached here, so still "live"
         assert await refreshing == ["s"]
         assert await a.get("s") is None
+
+
+def _count_reads(m: SessionManager, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Count the manager's re-reads (the real read still runs); ``[n]``."""
+    real_fetch = m.store.fetch_many
+    reads = [0]
+
+    async def counted(session_ids: list[str]) -> list[SessionRow]:
+        reads[0] += 1
+        return await real_fetch(session_ids)
+
+    monkeypatch.setattr(m.store, "fetch_many", counted)
+    return reads
+
+
+async def test_refresh_rereads_only_after_another_connection_commits(
+    make_manager: ManagerFactory, monkeypatch: pytest.MonkeyPatch, backend: str
+) -> None:
+    async with make_manager() as a, make_manager() as b:
+        for sid in ("s1", "s2", "s3"):
+            await a.ensure(sid, data={"n": 0})
+        reads = _count_reads(a, monkeypatch)
+        # Its own writes, flushes and checkpoints are no reason to look again.
+        await a.set_data("s1", {"n": 1})
+        assert await a.remove("s3")
+        assert await a.update_activity("s2")
+        await a.list_ids()  # flushes the touch
+        await a.store.checkpoint()
+        assert await a.refresh() == []
+        # PostgreSQL has no commit counter: every refresh reads.
+        assert reads[0] == (0 if backend == "sqlite" else 1)
+        assert await b.remove("s2")
+        assert await a.refresh() == ["s2"]
+        assert await a.refresh() == []
+        assert reads[0] == (1 if backend == "sqlite" else 3)
+        got = await a.get("s1")
+        assert got is not None
+        assert (got.data, got.version) == ({"n": 1}, 2)
+
+
+async def test_refreshing_some_sessions_does_not_vouch_for_the_others(
+    make_manager: ManagerFactory,
+) -> None:
+    # The daemon re-reads its attached sessions often and every cached one seldom: a
+    # change elsewhere seen by the first must still reach the second.
+    async with make_manager() as a, make_manager() as b:
+        await a.ensure("attached")
+        await a.ensure("idle")
+        assert await b.remove("idle")
+        assert await a.refresh(["attached"]) == []
+        assert await a.refresh() == ["idle"]
+        assert await a.get("idle") is None
