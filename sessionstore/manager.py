@@ -17,13 +17,14 @@ has deleted its row yet.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import os
 import secrets
 import struct
 import time
-from collections.abc import Callable, Collection, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -126,7 +127,7 @@ def _stored_copy(data: Mapping[str, Any], text: str) -> dict[str, Any]:
     A flat dict of plain scalars is its own JSON form (``_encode`` has checked it):
     copying it costs a fifth of parsing the text.
     """
-    if type(data) is dict and all(type(v) in _SCALARS for v in data.values()):
+    if type(data) is dict and all(type(k) is str and type(v) in _SCALARS for k, v in data.items()):
         return dict(data)
     parsed: dict[str, Any] = loads(text)
     return parsed
@@ -225,6 +226,9 @@ class SessionManager:
         self._cache: dict[str, _Entry] = {}
         #: The store's change marker when every cached session was last known current.
         self._fresh_as_of: object | None = None
+        # Reads that will put a row into the cache: started so far, and still running.
+        self._fills_started = 0
+        self._fills_running = 0
         # Cache misses and resumes made at the same time share one query.
         self._row_loader: BatchLoader[str, SessionRow] = BatchLoader(self._fetch_rows)
         self._token_loader: BatchLoader[str, tuple[SessionRow | None, str | None]] = BatchLoader(
@@ -443,16 +447,17 @@ class SessionManager:
             if live is not None:
                 return self._snapshot(session_id, live)
         text = self._encode(data) if data else "{}"
+        # Copied now: the caller may change ``data`` while the write is in flight.
+        returned = _stored_copy(data, text) if data else {}
         new_id = session_id or new_session_id()
         new = NewSession(new_id, now, text, session_id is not None)
-        result: CreateResult = await writer.submit("create", new)
+        result: CreateResult = await writer.submit("create", new, self._on_created)
         if result.row is None:
             raise SessionLimitError(self.settings.max_concurrent_sessions)
         if not result.created:
-            return self._snapshot(new.session_id, self._remember(result.row))
-        self._cache[new_id] = _pack(now, now, 1, text)
-        self.counters["created"] += 1
-        return Session(new_id, now, now, _stored_copy(data, text) if data else {}, 1)
+            entry = self._cache.get(new_id) or self._remember(result.row)
+            return self._snapshot(new_id, entry)
+        return Session(new_id, now, now, returned, 1)
 
     async def get(self, session_id: str) -> Session | None:
         """The live session with this id, or ``None`` when absent or expired."""
@@ -474,9 +479,7 @@ class SessionManager:
         writer = self._running_writer()
         if not _valid_id(session_id):
             return False
-        existed: bool = await writer.submit("delete", session_id)
-        self._gone([session_id] if existed else [], "removed")
-        self._cache.pop(session_id, None)
+        existed: bool = await writer.submit("delete", session_id, self._on_removed)
         return existed
 
     async def list_ids(self) -> list[str]:
@@ -533,9 +536,10 @@ class SessionManager:
         total, rows, first = 0, self.settings.cleanup_chunk_rows, True
         while True:
             chunk_started = time.perf_counter()
-            deleted: list[str] = await writer.submit("cleanup", (now, first, rows))
+            deleted: list[str] = await writer.submit(
+                "cleanup", (now, first, rows), self._on_expired
+            )
             took, first = time.perf_counter() - chunk_started, False
-            self._gone(deleted, "expired")
             total += len(deleted)
             if progress is not None:
                 progress(len(deleted))
@@ -617,14 +621,10 @@ class SessionManager:
         # than objects the caller may still be changing.
         update = loads(self._encode(dict(data or {})))
         change = _DataChange(session_id, update, tuple(delete), replace, if_version)
-        result: SessionRow | _Conflict = await writer.submit("data", change)
+        result: _Entry | _Conflict = await writer.submit("data", change, self._on_data_changed)
         if isinstance(result, _Conflict):
-            # The row is newer than what the caller saw (another process wrote it):
-            # cache it, so that the caller's next read is not stale again.
-            if session_id in self._cache:
-                self._remember(result.row)
             raise result.error
-        return self._snapshot(session_id, self._remember(result))
+        return self._snapshot(session_id, result)
 
     # ----- resume tokens (the daemon's bearer credential) -----
 
@@ -654,11 +654,12 @@ class SessionManager:
         resumes (a restart's reconnect storm) share those lookups.
         """
         self._running_writer()
-        row, grave = await self._token_loader.load(hash_token(token)) or (None, None)
-        if row is None:
-            reason: ResumeReason = "expired" if grave == "expired" else "revoked"
-            return ResumeResult(None, reason if grave else "unknown")
-        entry = self._remember(row)
+        with self._filling_cache():
+            row, grave = await self._token_loader.load(hash_token(token)) or (None, None)
+            if row is None:
+                reason: ResumeReason = "expired" if grave == "expired" else "revoked"
+                return ResumeResult(None, reason if grave else "unknown")
+            entry = self._remember(row)
         if self._expired(_last(entry), self._clock()):
             self._cache.pop(row.session_id, None)
             return ResumeResult(None, "expired")
@@ -683,14 +684,20 @@ class SessionManager:
             The ids found deleted; removal listeners hear of them (reason ``removed``).
         """
         self._running_writer()
+        fills_started, fills_running = self._fills_started, self._fills_running
         marker = await self._store.change_marker()
         if marker is not None and marker == self._fresh_as_of:
             return []  # no other connection has committed since the cache was last read
+        # A row read before ``marker`` and cached after ``ids`` is taken below may be
+        # older than a commit the marker counts: then the marker vouches for nothing.
+        vouches = (
+            session_ids is None and fills_running == 0 and self._fills_started == fills_started
+        )
         ids = list(self._cache if session_ids is None else session_ids)
         seen = {sid: _created(self._cache.get(sid)) for sid in ids}
         rows = {row.session_id: row for row in await self._store.fetch_many(ids)}
-        if session_ids is None:
-            # Every cached session has now been read after ``marker`` was taken.
+        if vouches:
+            # Every cached session has now been read, or cached, after ``marker``.
             self._fresh_as_of = marker
         # Gone only if the cached session is the one the read was about: one created
         # here (again) while the read ran is not judged by it. Activity and data
@@ -743,14 +750,25 @@ class SessionManager:
         if entry is None:
             if not _valid_id(session_id):
                 return None
-            row = await self._row_loader.load(session_id)
-            if row is None:
-                return None
-            entry = self._cache.get(session_id) or self._remember(row)
+            with self._filling_cache():
+                row = await self._row_loader.load(session_id)
+                if row is None:
+                    return None
+                entry = self._cache.get(session_id) or self._remember(row)
         if self._expired(_last(entry), now):
             self._cache.pop(session_id, None)
             return None
         return entry
+
+    @contextlib.contextmanager
+    def _filling_cache(self) -> Iterator[None]:
+        """Mark a read whose row will be cached: see :meth:`refresh`."""
+        self._fills_started += 1
+        self._fills_running += 1
+        try:
+            yield
+        finally:
+            self._fills_running -= 1
 
     async def _fetch_rows(self, session_ids: list[str]) -> dict[str, SessionRow]:
         return {row.session_id: row for row in await self._store.fetch_many(session_ids)}
@@ -800,6 +818,37 @@ class SessionManager:
         if size > self.settings.max_data_bytes:
             raise DataTooLargeError(size, self.settings.max_data_bytes)
         return text
+
+    # ----- commit callbacks: the writer runs them on the loop as each write commits -----
+
+    def _on_created(self, new: NewSession, result: CreateResult) -> CreateResult:
+        if result.row is not None:
+            if result.created:
+                self._cache[new.session_id] = _pack(new.now, new.now, 1, new.data)
+                self.counters["created"] += 1
+            else:
+                self._remember(result.row)
+        return result
+
+    def _on_removed(self, session_id: str, existed: bool) -> bool:
+        self._gone([session_id] if existed else [], "removed")
+        self._cache.pop(session_id, None)
+        return existed
+
+    def _on_expired(self, _chunk: object, deleted: list[str]) -> list[str]:
+        self._gone(deleted, "expired")
+        return deleted
+
+    def _on_data_changed(
+        self, change: _DataChange, result: SessionRow | _Conflict
+    ) -> _Entry | _Conflict:
+        if isinstance(result, _Conflict):
+            # The row is newer than what the caller saw (another process wrote it):
+            # cache it, so that the caller's next read is not stale again.
+            if change.session_id in self._cache:
+                self._remember(result.row)
+            return result
+        return self._remember(result)
 
     # ----- writer handlers: run inside the writer's transaction -----
 

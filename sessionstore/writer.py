@@ -27,7 +27,7 @@ from sqlalchemy import Connection
 from .errors import ManagerClosedError
 from .store import SessionStore
 
-__all__ = ["BatchHandler", "GroupCommitWriter"]
+__all__ = ["BatchHandler", "GroupCommitWriter", "OnCommit"]
 
 log = logging.getLogger("sessionstore.writer")
 
@@ -39,10 +39,17 @@ log = logging.getLogger("sessionstore.writer")
 BatchHandler = Callable[[Connection, list[Any], float], list[Any]]
 
 
+#: Called on the event loop as ``on_commit(arg, result)`` when the transaction holding
+#: the request has committed, before its caller wakes, and also when that caller has
+#: been cancelled; what it returns is what the caller gets.
+OnCommit = Callable[[Any, Any], Any]
+
+
 class _Request(NamedTuple):
     kind: str
     arg: Any
     future: asyncio.Future[Any]
+    on_commit: OnCommit | None
 
 
 class GroupCommitWriter:
@@ -113,13 +120,18 @@ class GroupCommitWriter:
             for sid in session_ids:
                 pending.pop(sid, None)
 
-    async def submit(self, kind: str, arg: Any = None) -> Any:
-        """Queue one write and wait until the transaction holding it has committed."""
+    async def submit(self, kind: str, arg: Any = None, on_commit: OnCommit | None = None) -> Any:
+        """Queue one write and wait until the transaction holding it has committed.
+
+        ``on_commit`` applies the write's effects in memory (the manager's cache and
+        listeners) at the commit itself: a caller cancelled while its write committed
+        can no longer leave memory disagreeing with the database.
+        """
         loop = self._loop
         if self._closing or loop is None:
             raise ManagerClosedError("session manager is closed")
         future: asyncio.Future[Any] = loop.create_future()
-        self._queue.append(_Request(kind, arg, future))
+        self._queue.append(_Request(kind, arg, future, on_commit))
         self._wakeup.set()
         return await future
 
@@ -212,8 +224,14 @@ class GroupCommitWriter:
         self.transactions += 1
         self.last_flush_lag = asyncio.get_running_loop().time() - started
         for request, result in zip(batch, results, strict=True):
+            if request.on_commit is not None and not isinstance(result, BaseException):
+                try:
+                    result = request.on_commit(request.arg, result)
+                except Exception as exc:
+                    log.exception("applying a committed %s write failed", request.kind)
+                    result = exc
             if request.future.done():
-                continue
+                continue  # cancelled: the write stands, and on_commit has applied it
             if isinstance(result, BaseException):
                 request.future.set_exception(result)
             else:

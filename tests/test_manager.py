@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import enum
 import json
-import multiprocessing
 import re
+import subprocess
+import sys
 import threading
-from multiprocessing.connection import Connection
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -59,25 +61,35 @@ def test_new_ids_sort_by_creation_time() -> None:
     assert len({new_session_id(1_700_000_000.0) for _ in range(10_000)}) == 10_000
 
 
-def _ids_in_child(conn: Connection, now: float) -> None:
-    conn.send([new_session_id(now) for _ in range(50)])
-    conn.close()
+_FORK_IDS = """
+import json, os
+from sessionstore import new_session_id
+now = 1_700_000_000.0
+new_session_id(now)  # the parent now holds random bytes read ahead
+read_end, write_end = os.pipe()
+pid = os.fork()
+if pid == 0:
+    os.close(read_end)
+    os.write(write_end, json.dumps([new_session_id(now) for _ in range(50)]).encode())
+    os._exit(0)
+os.close(write_end)
+with os.fdopen(read_end) as pipe:
+    child = json.loads(pipe.read())
+_, status = os.waitpid(pid, 0)
+mine = [new_session_id(now) for _ in range(50)]
+print(json.dumps({"status": status, "shared": len(set(mine) & set(child)), "n": len(child)}))
+"""
 
 
 def test_forked_processes_make_different_ids() -> None:
-    """Random bytes are read ahead: a forked child must not reuse the parent's."""
-    now = 1_700_000_000.0
-    new_session_id(now)  # the parent now holds unused random bytes
-    parent_end, child_end = multiprocessing.Pipe()
-    child = multiprocessing.get_context("fork").Process(target=_ids_in_child, args=(child_end, now))
-    child.start()
-    from_child = parent_end.recv()
-    child.join()
-    parent_end.close()
-    child_end.close()
-    assert child.exitcode == 0
-    mine = [new_session_id(now) for _ in range(50)]
-    assert not set(mine) & set(from_child)
+    """Random bytes are read ahead: a forked child must not reuse the parent's.
+
+    Forked in a process of its own, which has no other threads.
+    """
+    done = subprocess.run(
+        [sys.executable, "-c", _FORK_IDS], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert json.loads(done.stdout) == {"status": 0, "shared": 0, "n": 50}
 
 
 async def test_ensure_existing_id_returns_it_without_overwriting(
@@ -467,6 +479,25 @@ async def test_set_data_rejects_missing_oversized_and_unencodable(
         got = await m.get("s")
         assert got is not None
         assert (got.data, got.version) == ({}, 1)
+
+
+async def test_ensure_returns_the_data_as_given_not_as_changed_while_in_flight(
+    manager: SessionManager,
+) -> None:
+    class Key(enum.StrEnum):
+        A = "a"
+
+    data: dict[Any, Any] = {Key.A: 1}
+    creating = asyncio.create_task(manager.ensure(data=data))
+    await asyncio.sleep(0)  # encoded and queued; the write is in flight
+    data[Key.A] = 2
+    data[5] = "an int key"
+    session = await creating
+    assert session.data == {"a": 1}
+    assert [type(k) for k in session.data] == [str]  # as it reads back, not an enum
+    again = await manager.get(session.session_id)
+    assert again is not None
+    assert again.data == {"a": 1}
 
 
 async def test_created_session_data_is_a_private_copy_in_json_form(

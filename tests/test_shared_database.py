@@ -222,3 +222,35 @@ async def test_refreshing_some_sessions_does_not_vouch_for_the_others(
         assert await a.refresh(["attached"]) == []
         assert await a.refresh() == ["idle"]
         assert await a.get("idle") is None
+
+
+async def test_a_read_begun_before_a_refresh_cannot_hide_a_change_from_the_next(
+    make_manager: ManagerFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A cache miss reads the old row; another process changes it; a full refresh runs
+    # before the old row lands in the cache. The next refresh must still look.
+    async with make_manager() as a, make_manager() as b:
+        await b.ensure("x", data={"v": 1})
+        real_fetch = a.store.fetch_many
+        read_done, go_on = asyncio.Event(), asyncio.Event()
+
+        async def first_read_held(session_ids: list[str]) -> list[SessionRow]:
+            rows = await real_fetch(session_ids)
+            if not read_done.is_set():
+                read_done.set()
+                await go_on.wait()
+            return rows
+
+        monkeypatch.setattr(a.store, "fetch_many", first_read_held)
+        getting = asyncio.create_task(a.get("x"))
+        await read_done.wait()
+        await b.set_data("x", {"v": 2})
+        assert await a.refresh() == []  # x is not cached yet
+        go_on.set()
+        stale = await getting
+        assert stale is not None
+        assert stale.data == {"v": 1}  # its read began before the change
+        assert await a.refresh() == []
+        got = await a.get("x")
+        assert got is not None
+        assert (got.data, got.version) == ({"v": 2}, 2)

@@ -13,7 +13,7 @@ import pytest
 
 from sessionstore import SessionManager
 from tests.conftest import ManagerFactory
-from tests.helpers import ManualClock, threads_left
+from tests.helpers import ManualClock, threads_left, wait_until
 
 
 @pytest.mark.contract
@@ -128,3 +128,44 @@ async def test_cancelled_reads_and_a_quick_aclose_leave_no_connection_open(
             await asyncio.gather(*reads, return_exceptions=True)
         assert not Path(f"{db_path}-wal").exists(), f"a connection outlived aclose ({steps=})"
     assert await threads_left(threads_before) == set()
+
+
+async def test_a_write_whose_caller_is_cancelled_while_it_commits_still_reaches_the_cache(
+    make_manager: ManagerFactory, db_path: Path
+) -> None:
+    # A client disconnects (its handler is cancelled) while its write waits for the
+    # lock and then commits: the manager's memory must agree with the row it wrote.
+    heard: list[tuple[str, str]] = []
+    async with make_manager() as m:
+        m.add_removal_listener(lambda sid, reason: heard.append((sid, reason)))
+        await m.ensure("s", data={"n": 0})
+        await m.ensure("r")
+        writer = m._writer
+        assert writer is not None
+        blocker = sqlite3.connect(db_path, isolation_level=None)
+        try:
+            blocker.execute("BEGIN IMMEDIATE")  # another process holds the write lock
+            writes = [
+                asyncio.create_task(m.set_data("s", {"n": 1})),
+                asyncio.create_task(m.remove("r")),
+            ]
+            await asyncio.sleep(0)  # both are queued
+
+            async def taken() -> bool:  # the writer's transaction waits for the lock
+                return not writer._queue
+
+            await wait_until(taken)
+            for task in writes:
+                task.cancel()
+        finally:
+            blocker.execute("ROLLBACK")
+            blocker.close()
+        for task in writes:
+            with pytest.raises(asyncio.CancelledError):
+                await task
+        await m.ensure("after")  # queued behind them: their transaction has committed
+        got = await m.get("s")
+        assert got is not None
+        assert (got.data, got.version) == ({"n": 1}, 2)
+        assert await m.get("r") is None
+        assert heard == [("r", "removed")]
