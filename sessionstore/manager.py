@@ -452,12 +452,12 @@ class SessionManager:
         new_id = session_id or new_session_id()
         new = NewSession(new_id, now, text, session_id is not None)
         result: CreateResult = await writer.submit("create", new, self._on_created)
+        if result.created:
+            return Session(new_id, now, now, returned, 1)
         if result.row is None:
             raise SessionLimitError(self.settings.max_concurrent_sessions)
-        if not result.created:
-            entry = self._cache.get(new_id) or self._remember(result.row)
-            return self._snapshot(new_id, entry)
-        return Session(new_id, now, now, returned, 1)
+        entry = self._cache.get(new_id) or self._remember(result.row)
+        return self._snapshot(new_id, entry)
 
     async def get(self, session_id: str) -> Session | None:
         """The live session with this id, or ``None`` when absent or expired."""
@@ -822,12 +822,11 @@ class SessionManager:
     # ----- commit callbacks: the writer runs them on the loop as each write commits -----
 
     def _on_created(self, new: NewSession, result: CreateResult) -> CreateResult:
-        if result.row is not None:
-            if result.created:
-                self._cache[new.session_id] = _pack(new.now, new.now, 1, new.data)
-                self.counters["created"] += 1
-            else:
-                self._remember(result.row)
+        if result.created:
+            self._cache[new.session_id] = _pack(new.now, new.now, 1, new.data)
+            self.counters["created"] += 1
+        elif result.row is not None:
+            self._remember(result.row)
         return result
 
     def _on_removed(self, session_id: str, existed: bool) -> bool:

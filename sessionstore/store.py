@@ -99,10 +99,19 @@ class NewSession(NamedTuple):
 
 
 class CreateResult(NamedTuple):
-    """What :meth:`SessionStore.create_many` did for one :class:`NewSession`."""
+    """What :meth:`SessionStore.create_many` did for one :class:`NewSession`.
 
-    row: SessionRow | None  # None: refused by the limit
+    Created: ``created`` is true (the row is the :class:`NewSession` as given). Not
+    created: ``row`` is the live row that was there already, or ``None`` when the
+    session limit refused it.
+    """
+
+    row: SessionRow | None
     created: bool
+
+
+_CREATED = CreateResult(None, True)
+_REFUSED = CreateResult(None, False)
 
 
 def database_url(database: str) -> URL:
@@ -741,7 +750,6 @@ class SessionStore:
         An explicit id that already has a live row is returned as it is (get-or-create,
         never overwrite); one whose row has expired is replaced by a new session.
         """
-        results: list[CreateResult | None] = [None] * len(new)
         explicit = list({n.session_id for n in new if n.explicit})
         existing: dict[str, SessionRow] = {}
         for start in range(0, len(explicit), 500):
@@ -754,24 +762,27 @@ class SessionStore:
             for sid in stale:
                 del existing[sid]
         room = (limit - cls.count_live(conn, cutoff)) if limit else len(new)
-        to_insert: list[SessionRow] = []
-        made: dict[str, SessionRow] = {}
-        for i, n in enumerate(new):
-            row = existing.get(n.session_id) or made.get(n.session_id)
-            if row is not None:
-                results[i] = CreateResult(row, False)
-                continue
+        to_insert: list[tuple[str, float, float, str, int]] = []
+        made: dict[str, SessionRow] = {}  # explicit ids created earlier in this batch
+        results: list[CreateResult] = []
+        for n in new:
+            if n.explicit:
+                row = existing.get(n.session_id) or made.get(n.session_id)
+                if row is not None:
+                    results.append(CreateResult(row, False))
+                    continue
             if room <= 0:
-                results[i] = CreateResult(None, False)
+                results.append(_REFUSED)
                 continue
             room -= 1
-            row = SessionRow(n.session_id, n.now, n.now, n.data, 1)
-            made[n.session_id] = row
-            to_insert.append(row)
-            results[i] = CreateResult(row, True)
+            params = (n.session_id, n.now, n.now, n.data, 1)
+            if n.explicit:
+                made[n.session_id] = SessionRow(*params)
+            to_insert.append(params)
+            results.append(_CREATED)
         if to_insert:
             _executemany(conn, "insert", to_insert)
-        return [r for r in results if r is not None]
+        return results
 
     @staticmethod
     def touch_many(conn: Connection, touches: Iterable[tuple[str, float]]) -> None:
