@@ -121,16 +121,15 @@ def _touched(entry: _Entry, last_activity: float) -> _Entry:
 _SCALARS = frozenset({str, int, float, bool, type(None)})
 
 
-def _stored_copy(data: Mapping[str, Any], text: str) -> dict[str, Any]:
-    """A private copy of ``data`` as it reads back from its JSON ``text``.
+def _flat(data: Mapping[str, Any]) -> bool:
+    """True for a dict of plain ``str`` keys and plain scalar values.
 
-    A flat dict of plain scalars is its own JSON form (``_encode`` has checked it):
-    copying it costs a fifth of parsing the text.
+    Such a dict is its own JSON form: a copy of it is what parsing its JSON text would
+    give, at a fifth of the cost.
     """
-    if type(data) is dict and all(type(k) is str and type(v) in _SCALARS for k, v in data.items()):
-        return dict(data)
-    parsed: dict[str, Any] = loads(text)
-    return parsed
+    return type(data) is dict and all(
+        type(k) is str and type(v) in _SCALARS for k, v in data.items()
+    )
 
 
 def _valid_id(session_id: object) -> bool:
@@ -446,9 +445,13 @@ class SessionManager:
             live = await self._live_entry(session_id)
             if live is not None:
                 return self._snapshot(session_id, live)
-        text = self._encode(data) if data else "{}"
-        # Copied now: the caller may change ``data`` while the write is in flight.
-        returned = _stored_copy(data, text) if data else {}
+        if data:
+            flat = _flat(data)
+            text = self._encode(data, keys_checked=flat)
+            # Copied now: the caller may change ``data`` while the write is in flight.
+            returned: dict[str, Any] = dict(data) if flat else loads(text)
+        else:
+            text, returned = "{}", {}
         new_id = session_id or new_session_id()
         new = NewSession(new_id, now, text, session_id is not None)
         result: CreateResult = await writer.submit("create", new, self._on_created)
@@ -804,8 +807,11 @@ class SessionManager:
             row.session_id, row.created_at, row.last_activity, loads(row.data), row.version
         )
 
-    def _encode(self, data: Mapping[str, Any]) -> str:
-        if not isinstance(data, Mapping) or not all(isinstance(k, str) for k in data):
+    def _encode(self, data: Mapping[str, Any], *, keys_checked: bool = False) -> str:
+        """The data's JSON text, checked; ``keys_checked``: a dict with str keys."""
+        if not keys_checked and (
+            not isinstance(data, Mapping) or not all(isinstance(k, str) for k in data)
+        ):
             raise InvalidDataError("session data must be a JSON object with string keys")
         try:
             text = dumps(data if type(data) is dict else dict(data))
