@@ -231,7 +231,7 @@ class SessionManager:
         # Cache misses and resumes made at the same time share one query.
         self._row_loader: BatchLoader[str, SessionRow] = BatchLoader(self._fetch_rows)
         self._token_loader: BatchLoader[str, tuple[SessionRow | None, str | None]] = BatchLoader(
-            self._store.resume_lookup
+            self._fetch_tokens
         )
         self._listeners: list[RemovalListener] = []
         self._writer: GroupCommitWriter | None = None
@@ -454,13 +454,12 @@ class SessionManager:
             text, returned = "{}", {}
         new_id = session_id or new_session_id()
         new = NewSession(new_id, now, text, session_id is not None)
-        result: CreateResult = await writer.submit("create", new, self._on_created)
-        if result.created:
+        outcome: _Entry | bool = await writer.submit("create", new, self._on_created)
+        if outcome is True:
             return Session(new_id, now, now, returned, 1)
-        if result.row is None:
+        if outcome is False:
             raise SessionLimitError(self.settings.max_concurrent_sessions)
-        entry = self._cache.get(new_id) or self._remember(result.row)
-        return self._snapshot(new_id, entry)
+        return self._snapshot(new_id, outcome)  # it existed: get-or-create
 
     async def get(self, session_id: str) -> Session | None:
         """The live session with this id, or ``None`` when absent or expired."""
@@ -734,6 +733,7 @@ class SessionManager:
         cache, writer, listeners = self._cache, self._writer, list(self._listeners)
         for sid in session_ids:
             cache.pop(sid, None)
+        self._stale_fills_possible()
         if writer is not None:
             writer.forget(session_ids)
         self.counters["removed" if reason == "removed" else "expired"] += len(session_ids)
@@ -741,7 +741,9 @@ class SessionManager:
             for sid in session_ids:
                 try:
                     listener(sid, reason)
-                except Exception:
+                except (KeyboardInterrupt, SystemExit):
+                    raise
+                except BaseException:  # even CancelledError: the removal stands
                     log.exception("removal listener failed for session %s", sid)
 
     # ----- cache -----
@@ -773,8 +775,23 @@ class SessionManager:
         finally:
             self._fills_running -= 1
 
+    def _stale_fills_possible(self) -> None:
+        """A write of ours landed while a read for the cache ran: that read may cache
+        the row as it was (a session deleted here, an earlier incarnation). Our own
+        commits do not move the change marker, so let the next refresh look again."""
+        if self._fills_running:
+            self._fresh_as_of = None
+
     async def _fetch_rows(self, session_ids: list[str]) -> dict[str, SessionRow]:
-        return {row.session_id: row for row in await self._store.fetch_many(session_ids)}
+        # Counted as a whole too: a caller may join this read while it runs.
+        with self._filling_cache():
+            return {row.session_id: row for row in await self._store.fetch_many(session_ids)}
+
+    async def _fetch_tokens(
+        self, token_hashes: list[str]
+    ) -> Mapping[str, tuple[SessionRow | None, str | None]]:
+        with self._filling_cache():
+            return await self._store.resume_lookup(token_hashes)
 
     def _remember(self, row: SessionRow) -> _Entry:
         """Cache the row; activity this manager saw later than the row's is kept.
@@ -827,13 +844,17 @@ class SessionManager:
 
     # ----- commit callbacks: the writer runs them on the loop as each write commits -----
 
-    def _on_created(self, new: NewSession, result: CreateResult) -> CreateResult:
+    def _on_created(self, new: NewSession, result: CreateResult) -> _Entry | bool:
+        """True: created; False: refused by the limit; else the live session's entry."""
         if result.created:
             self._cache[new.session_id] = _pack(new.now, new.now, 1, new.data)
             self.counters["created"] += 1
-        elif result.row is not None:
-            self._remember(result.row)
-        return result
+            if new.explicit:
+                self._stale_fills_possible()  # it may replace an expired row being read
+            return True
+        if result.row is None:
+            return False
+        return self._remember(result.row)
 
     def _on_removed(self, session_id: str, existed: bool) -> bool:
         self._gone([session_id] if existed else [], "removed")

@@ -229,7 +229,9 @@ class GroupCommitWriter:
             if on_commit is not None and not isinstance(result, BaseException):
                 try:
                     result = on_commit(arg, result)
-                except Exception as exc:
+                except (KeyboardInterrupt, SystemExit):
+                    raise
+                except BaseException as exc:  # its caller's error; the writer goes on
                     log.exception("applying a committed %s write failed", kind)
                     result = exc
             if future.done():

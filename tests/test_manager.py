@@ -287,6 +287,30 @@ async def test_removal_listener_hears_cleanup_and_remove(
     assert heard == [("a", "removed"), ("b", "expired")]
 
 
+async def test_a_failing_listener_neither_fails_the_removal_nor_stops_the_writer(
+    manager: SessionManager, clock: ManualClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    heard: list[str] = []
+
+    def raises_value_error(sid: str, _why: str) -> None:
+        raise ValueError(sid)
+
+    def raises_cancelled(_sid: str, _why: str) -> None:
+        raise asyncio.CancelledError  # a BaseException, as a careless listener might
+
+    manager.add_removal_listener(raises_value_error)
+    manager.add_removal_listener(raises_cancelled)
+    manager.add_removal_listener(lambda sid, _why: heard.append(sid))
+    await manager.ensure("a")
+    await manager.ensure("b")
+    assert await manager.remove("a") is True
+    clock.advance(61)
+    assert await manager.cleanup_stale_sessions() == 1
+    assert heard == ["a", "b"]  # the listeners after the failing ones still heard
+    assert (await manager.ensure("c")).session_id == "c"  # the writer goes on
+    assert caplog.text.count("removal listener failed") == 4
+
+
 # --- limits ---
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 
@@ -254,3 +255,121 @@ async def test_a_read_begun_before_a_refresh_cannot_hide_a_change_from_the_next(
         got = await a.get("x")
         assert got is not None
         assert (got.data, got.version) == ({"v": 2}, 2)
+
+
+async def test_a_read_joined_while_it_runs_cannot_hide_a_change_from_the_next_refresh(
+    make_manager: ManagerFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # One caller's cache miss starts a read and gives up; another process changes the
+    # row; a refresh takes its marker; a second caller joins the same read and caches
+    # the old row. A read in flight is counted as such, whoever waits for it.
+    async with make_manager() as a, make_manager() as b:
+        await b.ensure("x", data={"v": 1})
+        assert await a.refresh() == []  # a's marker is current
+        real_fetch = a.store.fetch_many
+        read_done, go_on = asyncio.Event(), asyncio.Event()
+
+        async def first_read_held(session_ids: list[str]) -> list[SessionRow]:
+            rows = await real_fetch(session_ids)
+            if not read_done.is_set():
+                read_done.set()
+                await go_on.wait()
+            return rows
+
+        monkeypatch.setattr(a.store, "fetch_many", first_read_held)
+        first = asyncio.create_task(a.get("x"))
+        await read_done.wait()
+        first.cancel()
+        await asyncio.gather(first, return_exceptions=True)
+        await b.set_data("x", {"v": 2})
+        real_marker = a.store.change_marker
+        marked = asyncio.Event()
+
+        async def marker_then_signal() -> object | None:
+            marker = await real_marker()
+            marked.set()  # the refresh goes on at once: judges its marker, takes its ids
+            return marker
+
+        monkeypatch.setattr(a.store, "change_marker", marker_then_signal)
+        refreshing = asyncio.create_task(a.refresh())
+        await marked.wait()
+        joined = asyncio.create_task(a.get("x"))  # joins the read still in flight
+        assert await refreshing == []
+        monkeypatch.setattr(a.store, "change_marker", real_marker)
+        go_on.set()
+        stale = await joined
+        assert stale is not None
+        assert stale.data == {"v": 1}
+        assert await a.refresh() == []
+        got = await a.get("x")
+        assert got is not None
+        assert got.data == {"v": 2}
+
+
+async def test_a_session_removed_here_during_a_read_is_not_resurrected(
+    make_manager: ManagerFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A cache miss reads the row; this manager removes the session before that row is
+    # cached. Its own commits do not count as "another process wrote", yet the next
+    # refresh must still drop the session.
+    async with make_manager() as a, make_manager() as b:
+        await b.ensure("x")
+        assert await a.refresh() == []  # a's marker is current
+        real_fetch = a.store.fetch_many
+        read_done, go_on = asyncio.Event(), asyncio.Event()
+
+        async def read_held(session_ids: list[str]) -> list[SessionRow]:
+            rows = await real_fetch(session_ids)
+            read_done.set()
+            await go_on.wait()
+            return rows
+
+        monkeypatch.setattr(a.store, "fetch_many", read_held)
+        reading = asyncio.create_task(a.get("x"))
+        await read_done.wait()
+        assert await a.remove("x")
+        go_on.set()
+        assert await reading is not None  # its read began before the remove
+        monkeypatch.setattr(a.store, "fetch_many", real_fetch)
+        assert await a.refresh() == ["x"]
+        assert await a.get("x") is None
+
+
+async def test_get_or_create_does_not_resurrect_a_session_removed_in_the_same_batch(
+    make_manager: ManagerFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # [ensure x, ensure x, remove x] commit together: the second ensure's caller wakes
+    # after the remove has been applied and must not cache x again.
+    async with make_manager() as m:
+        writer = m._writer
+        assert writer is not None
+        real_write = m.store.write
+        gate = asyncio.Event()
+        first = [True]
+
+        async def first_write_held(work: Any) -> Any:
+            if first[0]:
+                first[0] = False
+                await gate.wait()
+            return await real_write(work)
+
+        monkeypatch.setattr(m.store, "write", first_write_held)
+        busy = asyncio.create_task(m.ensure("y"))
+
+        async def held() -> bool:  # the writer's first transaction waits at the gate
+            return not first[0]
+
+        async def queued(n: int) -> bool:
+            return len(writer._queue) >= n
+
+        await wait_until(held)
+        creates = [asyncio.create_task(m.ensure("x")) for _ in range(2)]
+        await wait_until(lambda: queued(2))
+        removing = asyncio.create_task(m.remove("x"))
+        await wait_until(lambda: queued(3))
+        gate.set()
+        made, again = await asyncio.gather(*creates)
+        assert await removing is True
+        await busy
+        assert made.session_id == again.session_id == "x"
+        assert await m.get("x") is None
