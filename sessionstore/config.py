@@ -14,7 +14,7 @@ Environment variables (the in-memory manager's names are kept):
 - ``SESSIONSTORE_POOL_SIZE``: database connections kept open (default 4; PostgreSQL may
   open as many again under load)
 - ``SESSIONSTORE_CHECKPOINT_INTERVAL``: SQLite: seconds after a commit before a
-  background task copies the WAL into the database file (default 0.1; 0 = inside the
+  background task copies the WAL into the database file (default 1; 0 = inside the
   commits, SQLite's default)
 """
 
@@ -66,7 +66,7 @@ class Settings:
     refresh_interval_secs: float = 5.0
     startup_check_max_bytes: int = 64 * 1024 * 1024
     pool_size: int = 4
-    checkpoint_interval_secs: float = 0.1
+    checkpoint_interval_secs: float = 1.0
 
     def __post_init__(self) -> None:
         positive = (

@@ -205,6 +205,10 @@ def create_file_private(path: Path) -> None:
 
 
 _WAL_SIZE_LIMIT = 64 * 1024 * 1024
+#: WAL pages beyond which the background checkpointer makes the WAL start over...
+_RESTART_PAGES = 4000
+#: ...once no more than this many are left to copy while it holds the write lock.
+_RESTART_LEFT_PAGES = 500
 
 
 def make_engine(
@@ -305,7 +309,7 @@ class SessionStore:
         synchronous: str = "FULL",
         busy_timeout_ms: int = 5000,
         pool_size: int = 4,
-        checkpoint_interval_secs: float = 0.1,
+        checkpoint_interval_secs: float = 1.0,
     ) -> None:
         self.url = database_url(database)
         self.path = _sqlite_path(self.url)
@@ -407,16 +411,21 @@ class SessionStore:
             )
         return state
 
-    async def checkpoint(self) -> tuple[int, int]:
-        """Copy committed WAL pages into the database file (SQLite; PASSIVE).
+    async def checkpoint(self, mode: str = "PASSIVE") -> tuple[int, int]:
+        """Copy committed WAL pages into the database file (SQLite).
 
-        Never waits for or blocks a writer; pages that a reader still needs stay in
-        the WAL for the next time. Returns ``(pages in the WAL, pages copied)``.
+        ``PASSIVE`` never waits for or blocks a writer; pages that a reader still
+        needs stay in the WAL for the next time. ``RESTART`` waits for the write lock
+        and for readers on older snapshots, copies everything, and makes the next
+        commit start the WAL from its beginning. Returns ``(pages in the WAL, pages
+        copied)``.
         """
         if self.dialect != "sqlite":
             return 0, 0
+        if mode not in ("PASSIVE", "RESTART"):
+            raise ValueError(f"checkpoint mode must be PASSIVE or RESTART, got {mode!r}")
         result = await self.read(
-            lambda conn: conn.exec_driver_sql("PRAGMA wal_checkpoint(PASSIVE)")
+            lambda conn: conn.exec_driver_sql(f"PRAGMA wal_checkpoint({mode})")
         )
         _busy, in_wal, copied = tuple(result.one())
         return int(in_wal), int(copied)
@@ -427,12 +436,28 @@ class SessionStore:
         # the database file) while holding up the next group commit. Here that work
         # runs on another connection, and pages written by several commits within
         # the interval are copied once.
+        #
+        #
+        # A PASSIVE checkpoint copies what was committed when it began; the WAL starts
+        # over only after one has copied everything, and under writes that never
+        # pause, commits keep landing while it copies: measured, the WAL grew to the
+        # size of the database itself. So once it holds more than _RESTART_PAGES,
+        # and a PASSIVE one has left little to copy (catching up first, if need be),
+        # a RESTART checkpoint holds the write lock for that little (a few ms), and
+        # the WAL starts over.
         while True:
             await self._committed.wait()
             await asyncio.sleep(self._checkpoint_interval)
             self._committed.clear()
             try:
-                await self.checkpoint()
+                in_wal, copied = await self.checkpoint()
+                for _ in range(3):
+                    if in_wal <= _RESTART_PAGES:
+                        break
+                    if in_wal - copied <= _RESTART_LEFT_PAGES:
+                        await self.checkpoint("RESTART")
+                        break
+                    in_wal, copied = await self.checkpoint()
             except StorageError as exc:  # the next commit tries again
                 log.warning("checkpoint of %s failed: %s", self.label, exc)
             except Exception:  # never die: nothing else checkpoints while we are open

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+import sessionstore.store as store_module
 from sessionstore import (
     DatabaseCorruptError,
     ForeignDatabaseError,
@@ -171,3 +172,18 @@ async def test_a_cancelled_close_still_finishes_and_later_closes_wait_for_it(
             first.cancel()
             await m.store.close()  # returns only once the teardown is complete
             assert not Path(f"{db}-wal").exists(), f"a connection is still open ({steps=})"
+
+
+async def test_the_wal_starts_over_under_writes_that_never_pause(
+    make_manager: ManagerFactory, db_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A PASSIVE checkpoint never finishes while commits keep landing, so without a
+    # RESTART now and then the WAL grows with everything written.
+    monkeypatch.setattr(store_module, "_RESTART_PAGES", 250)
+    wal = Path(f"{db_path}-wal")
+    largest = 0
+    async with make_manager(db_path, max_concurrent_sessions=0, checkpoint_interval_secs=0.01) as m:
+        for _ in range(30):  # about 25 MB of sessions, written back to back
+            await asyncio.gather(*(m.ensure(data={"pad": "x" * 3000}) for _ in range(200)))
+            largest = max(largest, wal.stat().st_size)
+    assert largest < 8_000_000, f"the WAL reached {largest / 1e6:.1f} MB"
