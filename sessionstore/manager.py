@@ -17,14 +17,13 @@ has deleted its row yet.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import logging
 import os
 import secrets
 import struct
 import time
-from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -155,6 +154,23 @@ def _next_chunk_rows(rows: int, took: float, target: float, first: int) -> int:
     return max(first, min(aimed, 2 * rows, _CHUNK_ROWS_MAX))
 
 
+class _Fills:
+    """Counts reads whose rows go into the cache: ``with fills:`` around each."""
+
+    __slots__ = ("running", "started")
+
+    def __init__(self) -> None:
+        self.started = 0
+        self.running = 0
+
+    def __enter__(self) -> None:
+        self.started += 1
+        self.running += 1
+
+    def __exit__(self, *_exc: object) -> None:
+        self.running -= 1
+
+
 def hash_token(token: str) -> str:
     """SHA-256 hex digest of a resume token: the only form a token is stored in."""
     return hashlib.sha256(token.encode("utf-8", "surrogatepass")).hexdigest()
@@ -225,9 +241,8 @@ class SessionManager:
         self._cache: dict[str, _Entry] = {}
         #: The store's change marker when every cached session was last known current.
         self._fresh_as_of: object | None = None
-        # Reads that will put a row into the cache: started so far, and still running.
-        self._fills_started = 0
-        self._fills_running = 0
+        # Reads that will put a row into the cache (see refresh()).
+        self._fills = _Fills()
         # Cache misses and resumes made at the same time share one query.
         self._row_loader: BatchLoader[str, SessionRow] = BatchLoader(self._fetch_rows)
         self._token_loader: BatchLoader[str, tuple[SessionRow | None, str | None]] = BatchLoader(
@@ -656,7 +671,7 @@ class SessionManager:
         resumes (a restart's reconnect storm) share those lookups.
         """
         self._running_writer()
-        with self._filling_cache():
+        with self._fills:
             row, grave = await self._token_loader.load(hash_token(token)) or (None, None)
             if row is None:
                 reason: ResumeReason = "expired" if grave == "expired" else "revoked"
@@ -686,14 +701,14 @@ class SessionManager:
             The ids found deleted; removal listeners hear of them (reason ``removed``).
         """
         self._running_writer()
-        fills_started, fills_running = self._fills_started, self._fills_running
+        fills_started, fills_running = self._fills.started, self._fills.running
         marker = await self._store.change_marker()
         if marker is not None and marker == self._fresh_as_of:
             return []  # no other connection has committed since the cache was last read
         # A row read before ``marker`` and cached after ``ids`` is taken below may be
         # older than a commit the marker counts: then the marker vouches for nothing.
         vouches = (
-            session_ids is None and fills_running == 0 and self._fills_started == fills_started
+            session_ids is None and fills_running == 0 and self._fills.started == fills_started
         )
         ids = list(self._cache if session_ids is None else session_ids)
         seen = {sid: _created(self._cache.get(sid)) for sid in ids}
@@ -755,7 +770,7 @@ class SessionManager:
         if entry is None:
             if not _valid_id(session_id):
                 return None
-            with self._filling_cache():
+            with self._fills:
                 row = await self._row_loader.load(session_id)
                 if row is None:
                     return None
@@ -765,32 +780,22 @@ class SessionManager:
             return None
         return entry
 
-    @contextlib.contextmanager
-    def _filling_cache(self) -> Iterator[None]:
-        """Mark a read whose row will be cached: see :meth:`refresh`."""
-        self._fills_started += 1
-        self._fills_running += 1
-        try:
-            yield
-        finally:
-            self._fills_running -= 1
-
     def _stale_fills_possible(self) -> None:
         """A write of ours landed while a read for the cache ran: that read may cache
         the row as it was (a session deleted here, an earlier incarnation). Our own
         commits do not move the change marker, so let the next refresh look again."""
-        if self._fills_running:
+        if self._fills.running:
             self._fresh_as_of = None
 
     async def _fetch_rows(self, session_ids: list[str]) -> dict[str, SessionRow]:
         # Counted as a whole too: a caller may join this read while it runs.
-        with self._filling_cache():
+        with self._fills:
             return {row.session_id: row for row in await self._store.fetch_many(session_ids)}
 
     async def _fetch_tokens(
         self, token_hashes: list[str]
     ) -> Mapping[str, tuple[SessionRow | None, str | None]]:
-        with self._filling_cache():
+        with self._fills:
             return await self._store.resume_lookup(token_hashes)
 
     def _remember(self, row: SessionRow) -> _Entry:
