@@ -206,9 +206,12 @@ def create_file_private(path: Path) -> None:
 
 _WAL_SIZE_LIMIT = 64 * 1024 * 1024
 #: WAL pages beyond which the background checkpointer makes the WAL start over...
-_RESTART_PAGES = 4000
-#: ...once no more than this many are left to copy while it holds the write lock.
+_RESTART_PAGES = 16_000
+#: ...once no more than this many are left to copy while it holds the write lock...
 _RESTART_LEFT_PAGES = 500
+#: ...and gives up (to try again after the next interval) after waiting this long for
+#: the lock or for readers, since every write waits as long as it does.
+_RESTART_WAIT_MS = 10
 
 
 def make_engine(
@@ -415,18 +418,29 @@ class SessionStore:
         """Copy committed WAL pages into the database file (SQLite).
 
         ``PASSIVE`` never waits for or blocks a writer; pages that a reader still
-        needs stay in the WAL for the next time. ``RESTART`` waits for the write lock
-        and for readers on older snapshots, copies everything, and makes the next
-        commit start the WAL from its beginning. Returns ``(pages in the WAL, pages
-        copied)``.
+        needs stay in the WAL for the next time. ``RESTART`` takes the write lock,
+        copies everything and waits for readers of older snapshots, so that the next
+        commit starts the WAL from its beginning; it holds the write lock while it
+        waits, so it gives up after ``_RESTART_WAIT_MS`` (a long reader, such as an
+        operator's ``sqlite3`` session, would otherwise hold every write for the whole
+        busy timeout). Returns ``(pages in the WAL, pages copied)``.
         """
         if self.dialect != "sqlite":
             return 0, 0
         if mode not in ("PASSIVE", "RESTART"):
             raise ValueError(f"checkpoint mode must be PASSIVE or RESTART, got {mode!r}")
-        result = await self.read(
-            lambda conn: conn.exec_driver_sql(f"PRAGMA wal_checkpoint({mode})")
-        )
+        statement = f"PRAGMA wal_checkpoint({mode})"
+
+        async def run(conn: AsyncConnection) -> Any:
+            if mode == "PASSIVE":
+                return await conn.exec_driver_sql(statement)
+            await conn.exec_driver_sql(f"PRAGMA busy_timeout = {_RESTART_WAIT_MS}")
+            try:
+                return await conn.exec_driver_sql(statement)
+            finally:  # the pooled connection goes back as it came
+                await conn.exec_driver_sql(f"PRAGMA busy_timeout = {self._busy_timeout_ms}")
+
+        result = await self.read(run)
         _busy, in_wal, copied = tuple(result.one())
         return int(in_wal), int(copied)
 

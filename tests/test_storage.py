@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import sqlite3
+import time
 from pathlib import Path
 
 import pytest
@@ -187,3 +188,27 @@ async def test_the_wal_starts_over_under_writes_that_never_pause(
             await asyncio.gather(*(m.ensure(data={"pad": "x" * 3000}) for _ in range(200)))
             largest = max(largest, wal.stat().st_size)
     assert largest < 8_000_000, f"the WAL reached {largest / 1e6:.1f} MB"
+
+
+async def test_a_long_reader_does_not_stall_writes_behind_a_restart_checkpoint(
+    make_manager: ManagerFactory, db_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # An operator's long read (the sqlite3 CLI, a backup) pins the WAL. A RESTART
+    # checkpoint holds the write lock while it waits for readers: it must give up soon
+    # rather than hold every write for the whole busy timeout.
+    monkeypatch.setattr(store_module, "_RESTART_PAGES", 250)
+    async with make_manager(db_path, max_concurrent_sessions=0, checkpoint_interval_secs=0.01) as m:
+        await asyncio.gather(*(m.ensure(data={"pad": "x" * 3000}) for _ in range(200)))
+        reader = sqlite3.connect(db_path, isolation_level=None)
+        try:
+            reader.execute("BEGIN")
+            reader.execute("SELECT count(*) FROM sessions").fetchone()  # holds its snapshot
+            slowest = 0.0
+            for _ in range(15):
+                started = time.perf_counter()
+                await asyncio.gather(*(m.ensure(data={"pad": "x" * 3000}) for _ in range(100)))
+                slowest = max(slowest, time.perf_counter() - started)
+        finally:
+            reader.execute("ROLLBACK")
+            reader.close()
+    assert slowest < 2.0, f"a batch of writes took {slowest:.1f} s"
