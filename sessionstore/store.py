@@ -212,6 +212,8 @@ _RESTART_LEFT_PAGES = 500
 #: ...and gives up (to try again after the next interval) after waiting this long for
 #: the lock or for readers, since every write waits as long as it does.
 _RESTART_WAIT_MS = 10
+#: After readers made a RESTART give up, the next one waits this long.
+_RESTART_BACKOFF_SECS = 10.0
 
 
 def make_engine(
@@ -414,21 +416,26 @@ class SessionStore:
             )
         return state
 
-    async def checkpoint(self, mode: str = "PASSIVE") -> tuple[int, int]:
-        """Copy committed WAL pages into the database file (SQLite).
+    async def checkpoint(self) -> tuple[int, int]:
+        """Copy committed WAL pages into the database file (SQLite; PASSIVE).
 
-        ``PASSIVE`` never waits for or blocks a writer; pages that a reader still
-        needs stay in the WAL for the next time. ``RESTART`` takes the write lock,
-        copies everything and waits for readers of older snapshots, so that the next
-        commit starts the WAL from its beginning; it holds the write lock while it
-        waits, so it gives up after ``_RESTART_WAIT_MS`` (a long reader, such as an
-        operator's ``sqlite3`` session, would otherwise hold every write for the whole
-        busy timeout). Returns ``(pages in the WAL, pages copied)``.
+        Never waits for or blocks a writer; pages that a reader still needs stay in
+        the WAL for the next time. Returns ``(pages in the WAL, pages copied)``.
+        """
+        _busy, in_wal, copied = await self._checkpoint("PASSIVE")
+        return in_wal, copied
+
+    async def _checkpoint(self, mode: str) -> tuple[bool, int, int]:
+        """``PRAGMA wal_checkpoint(mode)``: (gave up waiting, pages in the WAL, copied).
+
+        ``RESTART`` takes the write lock, copies what it can, syncs, and waits for
+        readers of older snapshots so that the next commit starts the WAL over. It
+        holds the write lock all the while, so it waits at most ``_RESTART_WAIT_MS``
+        for the lock and for readers (an operator's ``sqlite3`` session would
+        otherwise hold every write for the whole busy timeout) and then gives up.
         """
         if self.dialect != "sqlite":
-            return 0, 0
-        if mode not in ("PASSIVE", "RESTART"):
-            raise ValueError(f"checkpoint mode must be PASSIVE or RESTART, got {mode!r}")
+            return False, 0, 0
         statement = f"PRAGMA wal_checkpoint({mode})"
 
         async def run(conn: AsyncConnection) -> Any:
@@ -440,9 +447,8 @@ class SessionStore:
             finally:  # the pooled connection goes back as it came
                 await conn.exec_driver_sql(f"PRAGMA busy_timeout = {self._busy_timeout_ms}")
 
-        result = await self.read(run)
-        _busy, in_wal, copied = tuple(result.one())
-        return int(in_wal), int(copied)
+        busy, in_wal, copied = tuple((await self.read(run)).one())
+        return bool(busy), int(in_wal), int(copied)
 
     async def _checkpoint_loop(self) -> None:
         # SQLite's own autocheckpoint runs inside the commit that crosses 1,000 pages,
@@ -451,27 +457,38 @@ class SessionStore:
         # runs on another connection, and pages written by several commits within
         # the interval are copied once.
         #
-        #
         # A PASSIVE checkpoint copies what was committed when it began; the WAL starts
         # over only after one has copied everything, and under writes that never
-        # pause, commits keep landing while it copies: measured, the WAL grew to the
-        # size of the database itself. So once it holds more than _RESTART_PAGES,
-        # and a PASSIVE one has left little to copy (catching up first, if need be),
-        # a RESTART checkpoint holds the write lock for that little (a few ms), and
-        # the WAL starts over.
+        # pause, commits keep landing while it copies: measured, the WAL grew past
+        # the size of the database. So once it holds more than _RESTART_PAGES, and a
+        # PASSIVE one has left little to copy (catching up first, if need be), a
+        # RESTART checkpoint holds the write lock for that little, and the WAL starts
+        # over. When readers keep it from finishing, the next try waits a while.
+        loop = asyncio.get_running_loop()
+        restart_after = 0.0
         while True:
             await self._committed.wait()
             await asyncio.sleep(self._checkpoint_interval)
             self._committed.clear()
             try:
                 in_wal, copied = await self.checkpoint()
-                for _ in range(3):
-                    if in_wal <= _RESTART_PAGES:
+                for attempt in range(4):
+                    if in_wal <= _RESTART_PAGES or loop.time() < restart_after:
                         break
                     if in_wal - copied <= _RESTART_LEFT_PAGES:
-                        await self.checkpoint("RESTART")
+                        busy, in_wal, _copied = await self._checkpoint("RESTART")
+                        if busy:
+                            restart_after = loop.time() + _RESTART_BACKOFF_SECS
+                            log.info(
+                                "%s: a reader keeps the WAL from starting over "
+                                "(%d pages); trying again in %.0f s",
+                                self.label,
+                                in_wal,
+                                _RESTART_BACKOFF_SECS,
+                            )
                         break
-                    in_wal, copied = await self.checkpoint()
+                    if attempt < 3:
+                        in_wal, copied = await self.checkpoint()  # catch up first
             except StorageError as exc:  # the next commit tries again
                 log.warning("checkpoint of %s failed: %s", self.label, exc)
             except Exception:  # never die: nothing else checkpoints while we are open

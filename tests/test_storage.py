@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 import sqlite3
 import time
 from pathlib import Path
@@ -191,11 +192,15 @@ async def test_the_wal_starts_over_under_writes_that_never_pause(
 
 
 async def test_a_long_reader_does_not_stall_writes_behind_a_restart_checkpoint(
-    make_manager: ManagerFactory, db_path: Path, monkeypatch: pytest.MonkeyPatch
+    make_manager: ManagerFactory,
+    db_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     # An operator's long read (the sqlite3 CLI, a backup) pins the WAL. A RESTART
     # checkpoint holds the write lock while it waits for readers: it must give up soon
     # rather than hold every write for the whole busy timeout.
+    caplog.set_level(logging.INFO, logger=store_module.log.name)
     monkeypatch.setattr(store_module, "_RESTART_PAGES", 250)
     async with make_manager(db_path, max_concurrent_sessions=0, checkpoint_interval_secs=0.01) as m:
         await asyncio.gather(*(m.ensure(data={"pad": "x" * 3000}) for _ in range(200)))
@@ -212,3 +217,4 @@ async def test_a_long_reader_does_not_stall_writes_behind_a_restart_checkpoint(
             reader.execute("ROLLBACK")
             reader.close()
     assert slowest < 2.0, f"a batch of writes took {slowest:.1f} s"
+    assert "a reader keeps the WAL from starting over" in caplog.text  # it did try
