@@ -115,22 +115,35 @@ async def test_a_version_conflict_refreshes_the_stale_cache(make_manager: Manage
         assert (await a.set_data("s", {"n": 2}, if_version=got.version)).version == 3
 
 
+def _hold_next_read(
+    m: SessionManager, monkeypatch: pytest.MonkeyPatch
+) -> tuple[asyncio.Event, asyncio.Event]:
+    """Hold the manager's next read of rows after it has read (a real read).
+
+    Returns ``(read_done, go_on)``: the first is set once the read is done, setting
+    the second lets its result go on. Later reads are not held.
+    """
+    real_fetch = m.store.fetch_many
+    read_done, go_on = asyncio.Event(), asyncio.Event()
+
+    async def first_read_held(session_ids: list[str]) -> list[SessionRow]:
+        rows = await real_fetch(session_ids)
+        if not read_done.is_set():
+            read_done.set()
+            await go_on.wait()
+        return rows
+
+    monkeypatch.setattr(m.store, "fetch_many", first_read_held)
+    return read_done, go_on
+
+
 @contextlib.asynccontextmanager
 async def _refresh_held_after_its_read(
     m: SessionManager, monkeypatch: pytest.MonkeyPatch, ids: list[str]
 ) -> AsyncIterator[asyncio.Task[list[str]]]:
     """Start ``m.refresh(ids)``; inside the block its read (a real one) is done and
     its result not yet applied. The refresh finishes after the block."""
-    real_fetch = m.store.fetch_many
-    read_done, go_on = asyncio.Event(), asyncio.Event()
-
-    async def fetch_then_wait(session_ids: list[str]) -> list[SessionRow]:
-        rows = await real_fetch(session_ids)
-        read_done.set()
-        await go_on.wait()
-        return rows
-
-    monkeypatch.setattr(m.store, "fetch_many", fetch_then_wait)
+    read_done, go_on = _hold_next_read(m, monkeypatch)
     refreshing = asyncio.create_task(m.refresh(ids))
     reading = asyncio.create_task(read_done.wait())
     await asyncio.wait({refreshing, reading}, return_when=asyncio.FIRST_COMPLETED)
@@ -232,17 +245,7 @@ async def test_a_read_begun_before_a_refresh_cannot_hide_a_change_from_the_next(
     # before the old row lands in the cache. The next refresh must still look.
     async with make_manager() as a, make_manager() as b:
         await b.ensure("x", data={"v": 1})
-        real_fetch = a.store.fetch_many
-        read_done, go_on = asyncio.Event(), asyncio.Event()
-
-        async def first_read_held(session_ids: list[str]) -> list[SessionRow]:
-            rows = await real_fetch(session_ids)
-            if not read_done.is_set():
-                read_done.set()
-                await go_on.wait()
-            return rows
-
-        monkeypatch.setattr(a.store, "fetch_many", first_read_held)
+        read_done, go_on = _hold_next_read(a, monkeypatch)
         getting = asyncio.create_task(a.get("x"))
         await read_done.wait()
         await b.set_data("x", {"v": 2})
@@ -266,17 +269,7 @@ async def test_a_read_joined_while_it_runs_cannot_hide_a_change_from_the_next_re
     async with make_manager() as a, make_manager() as b:
         await b.ensure("x", data={"v": 1})
         assert await a.refresh() == []  # a's marker is current
-        real_fetch = a.store.fetch_many
-        read_done, go_on = asyncio.Event(), asyncio.Event()
-
-        async def first_read_held(session_ids: list[str]) -> list[SessionRow]:
-            rows = await real_fetch(session_ids)
-            if not read_done.is_set():
-                read_done.set()
-                await go_on.wait()
-            return rows
-
-        monkeypatch.setattr(a.store, "fetch_many", first_read_held)
+        read_done, go_on = _hold_next_read(a, monkeypatch)
         first = asyncio.create_task(a.get("x"))
         await read_done.wait()
         first.cancel()
@@ -315,22 +308,12 @@ async def test_a_session_removed_here_during_a_read_is_not_resurrected(
     async with make_manager() as a, make_manager() as b:
         await b.ensure("x")
         assert await a.refresh() == []  # a's marker is current
-        real_fetch = a.store.fetch_many
-        read_done, go_on = asyncio.Event(), asyncio.Event()
-
-        async def read_held(session_ids: list[str]) -> list[SessionRow]:
-            rows = await real_fetch(session_ids)
-            read_done.set()
-            await go_on.wait()
-            return rows
-
-        monkeypatch.setattr(a.store, "fetch_many", read_held)
+        read_done, go_on = _hold_next_read(a, monkeypatch)
         reading = asyncio.create_task(a.get("x"))
         await read_done.wait()
         assert await a.remove("x")
         go_on.set()
         assert await reading is not None  # its read began before the remove
-        monkeypatch.setattr(a.store, "fetch_many", real_fetch)
         assert await a.refresh() == ["x"]
         assert await a.get("x") is None
 
