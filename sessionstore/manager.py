@@ -344,6 +344,9 @@ class SessionManager:
                     "cleanup": self._apply_cleanup_chunk,
                 },
                 exclusive=("cleanup",),
+                # Deleting expired rows is as good redone as lost: a chunk that a power
+                # loss undoes leaves rows the predicate already treats as absent.
+                relaxed=("cleanup",),
                 flush_interval=self.settings.flush_interval_secs,
                 clock=self._clock,
             )

@@ -58,6 +58,9 @@ class GroupCommitWriter:
         handlers: Request kind -> batch handler.
         exclusive: Kinds that get a transaction to themselves (cleanup chunks, so a
             long delete never delays the creates queued behind it by more than one chunk).
+        relaxed: Exclusive kinds whose transactions need not reach the disk before
+            their callers wake (``durable=False``); the activity touches they carry
+            reach it with the next durable commit or checkpoint.
         flush_interval: Longest time a touch waits before it is written (seconds).
         max_batch: Most requests in one transaction.
         clock: Gives each batch its ``now`` (read on the event loop, so handlers
@@ -70,6 +73,7 @@ class GroupCommitWriter:
         handlers: dict[str, BatchHandler],
         *,
         exclusive: Sequence[str] = (),
+        relaxed: Sequence[str] = (),
         flush_interval: float = 1.0,
         max_batch: int = 2000,
         clock: Callable[[], float] = time.time,
@@ -79,6 +83,9 @@ class GroupCommitWriter:
         self._handlers = dict(handlers)
         self._handlers.setdefault("barrier", _barrier)
         self._exclusive = frozenset(exclusive)
+        self._relaxed = frozenset(relaxed)
+        if not self._relaxed <= self._exclusive:
+            raise ValueError("relaxed kinds must be exclusive too")
         self._flush_interval = flush_interval
         self._max_batch = max_batch
         self._queue: deque[_Request] = deque()
@@ -186,6 +193,9 @@ class GroupCommitWriter:
         return batch
 
     async def _commit(self, batch: list[_Request]) -> None:
+        durable = not batch or batch[0][0] not in self._relaxed
+        # Touches go with every transaction, relaxed ones too: a cleanup chunk must see
+        # the latest activity before it judges what has expired.
         touches, self._pending, self._deadline = self._pending, {}, None
         started = asyncio.get_running_loop().time()
         now = self._clock()
@@ -203,7 +213,7 @@ class GroupCommitWriter:
             return results
 
         try:
-            results = await self._store.write(work)
+            results = await self._store.write(work, durable=durable)
         except Exception as exc:
             self._restore(touches)
             live = [r for r in batch if not r[2].done()]

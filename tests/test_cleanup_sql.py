@@ -29,6 +29,16 @@ async def test_cleanup_delete_uses_last_activity_index(manager: SessionManager) 
     # Each victim is deleted by its rowid, not looked up again by session_id.
     assert any("INTEGER PRIMARY KEY (rowid=?)" in step for step in plan), plan
     assert not any(step.startswith("SCAN sessions") for step in plan), plan
+    assert not any("TEMP B-TREE" in step for step in plan), plan  # index order, no sort
+
+
+async def test_the_rows_read_before_a_chunk_come_from_the_index_unsorted(
+    manager: SessionManager,
+) -> None:
+    stmt = SessionStore.expiring_statement(cutoff=1000.0, chunk=500)
+    plan = await _plan(manager, stmt)
+    assert any("INDEX ix_sessions_last_activity (last_activity<?)" in step for step in plan), plan
+    assert not any("TEMP B-TREE" in step for step in plan), plan
 
 
 async def test_wrapping_the_column_would_lose_the_index(manager: SessionManager) -> None:

@@ -223,6 +223,82 @@ async def test_cleanup_in_chunks_deletes_everything(
         assert (await m.get_session_metrics())["total_sessions"] == 0
 
 
+async def test_cleanup_reports_exactly_the_rows_it_deleted(
+    make_manager: ManagerFactory, clock: ManualClock
+) -> None:
+    # Expired sessions share timestamps across chunk boundaries and live ones sit
+    # among them: listeners must hear every deleted id once, and nothing else.
+    async with make_manager(
+        session_timeout_secs=60,
+        max_concurrent_sessions=0,
+        cleanup_chunk_rows=4,
+        cleanup_chunk_secs=0,
+    ) as m:
+        expired: set[str] = set()
+        live: set[str] = set()
+        for group in range(5):
+            ids = [f"g{group}-{i}" for i in range(3)]
+            await asyncio.gather(*(m.ensure(sid) for sid in ids))  # one timestamp each
+            expired.update(ids)
+            clock.advance(1)
+        tokens = {sid: await m.issue_token(sid) for sid in ("g0-0", "g4-2")}
+        clock.advance(55)
+        for sid in ("live-a", "live-b"):
+            await m.ensure(sid)
+            live.add(sid)
+        await m.update_activity("g2-1")  # expired by its creation time, not any more
+        expired.discard("g2-1")
+        live.add("g2-1")
+        clock.advance(10)  # groups idle 61-65 s, live ones 10 s
+        heard: list[str] = []
+        m.add_removal_listener(lambda sid, _why: heard.append(sid))
+        chunks: list[int] = []
+        assert await m.cleanup_stale_sessions(progress=chunks.append) == len(expired)
+        assert chunks == [4, 4, 4, 2]
+        assert sorted(heard) == sorted(expired)
+        assert set(await m.list_ids()) == live
+        for token in tokens.values():
+            assert (await m.resume(token)).reason == "expired"  # tombstoned with the row
+
+
+async def test_cleanup_does_not_wait_for_the_disk_other_writes_do(
+    make_manager: ManagerFactory,
+    clock: ManualClock,
+    backend: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A cleanup chunk is as good redone as lost, so its commit skips the sync; every
+    # other write (a create right after, on the same connection) still waits for it.
+    from sqlalchemy import Connection
+
+    from sessionstore.store import SessionStore
+
+    query = "PRAGMA synchronous" if backend == "sqlite" else "SHOW synchronous_commit"
+    durable, relaxed = (2, 1) if backend == "sqlite" else ("on", "off")
+    seen: dict[str, list[Any]] = {"cleanup": [], "create": []}
+
+    def watching(kind: str, method: Any) -> Any:
+        def watched(conn: Connection, *args: Any, **kwargs: Any) -> Any:
+            seen[kind].append(conn.exec_driver_sql(query).scalar())
+            return method(conn, *args, **kwargs)
+
+        return watched
+
+    monkeypatch.setattr(
+        SessionStore, "delete_expired_chunk", watching("cleanup", SessionStore.delete_expired_chunk)
+    )
+    monkeypatch.setattr(SessionStore, "create_many", watching("create", SessionStore.create_many))
+    async with make_manager(
+        session_timeout_secs=60, cleanup_chunk_rows=2, cleanup_chunk_secs=0
+    ) as m:
+        await asyncio.gather(*(m.ensure() for _ in range(5)))
+        clock.advance(61)
+        assert await m.cleanup_stale_sessions() == 5
+        await m.ensure("after")
+    assert seen["cleanup"] == [relaxed] * 3
+    assert set(seen["create"]) == {durable}  # the first batch's five and "after"
+
+
 @pytest.mark.parametrize(
     ("chunk_secs", "expected"),
     [

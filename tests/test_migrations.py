@@ -89,6 +89,55 @@ async def test_upgrade_from_first_revision_keeps_rows(db_path: Path) -> None:
         assert got.data == {}
 
 
+def _token_index_sql(path: Path) -> str:
+    with sqlite3.connect(path) as conn:
+        (sql,) = conn.execute(
+            "SELECT sql FROM sqlite_master WHERE name = 'ix_sessions_token_hash'"
+        ).fetchone()
+        return str(sql)
+
+
+async def test_upgrade_to_the_partial_token_index_keeps_tokens_working(
+    db_path: Path,
+) -> None:
+    store = SessionStore(str(db_path))
+    await store.open(upgrade=False)
+    try:
+        async with store.engine.begin() as conn:
+            await conn.run_sync(migrate.upgrade_locked, store.label, "0002")
+    finally:
+        await store.close()
+    assert "WHERE" not in _token_index_sql(db_path)
+    async with SessionManager(str(db_path), clock=lambda: 1e12) as m:
+        assert "WHERE token_hash IS NOT NULL" in _token_index_sql(db_path)
+        session = await m.ensure()
+        token = await m.issue_token(session.session_id)
+        resumed = await m.resume(token)
+        assert resumed.session is not None
+        assert resumed.session.session_id == session.session_id
+        await m.ensure("no-token")  # any number of rows without one
+    with sqlite3.connect(db_path) as conn:
+        plan = conn.execute(
+            "EXPLAIN QUERY PLAN SELECT session_id FROM sessions WHERE token_hash = ?", ("x",)
+        ).fetchall()
+        assert "ix_sessions_token_hash" in str(plan)
+        (held,) = conn.execute(
+            "SELECT token_hash FROM sessions WHERE session_id = ?", (session.session_id,)
+        ).fetchone()
+        with pytest.raises(sqlite3.IntegrityError, match="UNIQUE"):
+            conn.execute(
+                "UPDATE sessions SET token_hash = ? WHERE session_id = 'no-token'", (held,)
+            )
+    store = SessionStore(str(db_path))
+    await store.open()
+    try:
+        async with store.engine.begin() as conn:
+            await conn.run_sync(migrate.downgrade_locked, store.label, "0002")
+    finally:
+        await store.close()
+    assert "WHERE" not in _token_index_sql(db_path)
+
+
 async def test_unknown_revision_is_refused_and_untouched(db_path: Path) -> None:
     async with SessionManager(str(db_path)) as m:
         await m.ensure()

@@ -330,11 +330,11 @@ async def test_get_or_create_does_not_resurrect_a_session_removed_in_the_same_ba
         gate = asyncio.Event()
         first = [True]
 
-        async def first_write_held(work: Any) -> Any:
+        async def first_write_held(work: Any, **options: Any) -> Any:
             if first[0]:
                 first[0] = False
                 await gate.wait()
-            return await real_write(work)
+            return await real_write(work, **options)
 
         monkeypatch.setattr(m.store, "write", first_write_held)
         busy = asyncio.create_task(m.ensure("y"))
