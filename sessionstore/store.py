@@ -182,7 +182,7 @@ def translate_error(exc: BaseException, label: str) -> StorageError | None:
         for needle, kind, what in _ERROR_TEXT:
             if needle in text:
                 return kind(f"{label}: {what} ({orig})")
-    if isinstance(exc, DBAPIError):
+    if isinstance(exc, DBAPIError) or isinstance(orig, sqlite3.Error):
         return StorageError(f"{label}: {orig}")
     if isinstance(exc, PermissionError):
         return StorageReadOnlyError(f"{label}: {exc}")
@@ -411,14 +411,14 @@ class SessionStore:
                     await self._enable_wal()
                 if upgrade and state.revision != migrate.head_revision():
                     await self.write(functools.partial(migrate.upgrade_locked, label=self.label))
+            # Now rather than inside the first transaction that needs them, which holds
+            # the write lock (the first cleanup chunk would pay about 4 ms).
+            dialect = (self._write_engine or self.engine).dialect
+            for name in _DRIVER_SQL:
+                _driver_sql(dialect, name)
         except BaseException:
             await self.close()
             raise
-        # Now rather than inside the first transaction that needs them, which holds
-        # the write lock (the first cleanup chunk would pay about 4 ms).
-        dialect = (self._write_engine or self.engine).dialect
-        for name in _DRIVER_SQL:
-            _driver_sql(dialect, name)
         if self._checkpoint_interval:
             self._checkpointer = asyncio.create_task(
                 self._checkpoint_loop(), name="sessionstore-checkpoint"
@@ -635,9 +635,10 @@ class SessionStore:
 
         ``durable=False`` returns without waiting for the commit to reach the disk
         (SQLite ``synchronous=NORMAL``, PostgreSQL ``synchronous_commit=off``, for
-        this transaction only): a power loss or OS crash may undo it, never corrupt
-        the database, and the next durable commit makes it durable too. For work that
-        is as good redone as lost, such as deleting expired rows.
+        this transaction only): a power loss or OS crash (or, on PostgreSQL, a server
+        crash) may undo it, never corrupt the database; the next durable commit that
+        writes anything, or a checkpoint, makes it durable too. For work that is as
+        good redone as lost, such as deleting expired rows.
         """
         return await self._to_the_end(self._transaction(work, durable))
 
@@ -676,7 +677,14 @@ class SessionStore:
                 with conn.begin():
                     return work(conn)
             finally:
-                dbapi.execute(f"PRAGMA synchronous = {self._synchronous}")
+                try:
+                    dbapi.execute(f"PRAGMA synchronous = {self._synchronous}")
+                except sqlite3.Error:
+                    # Left at NORMAL, every later write would be less durable than
+                    # promised: drop the connection (a new one gets the configured
+                    # setting) and let the transaction's own outcome stand.
+                    log.exception("%s: restoring synchronous failed; reconnecting", self.label)
+                    conn.invalidate()
 
     async def change_marker(self) -> object | None:
         """A value that changes whenever another connection commits to the database.
@@ -965,7 +973,8 @@ class SessionStore:
     @staticmethod
     def purge_tombstones(conn: Connection, before: float) -> int:
         """Forget tombstones older than ``before``; how many were forgotten."""
-        return len(_fetch_driver_sql(conn, "purge", (before,)))
+        result = conn.exec_driver_sql(_driver_sql(conn.dialect, "purge"), (before,))
+        return int(result.rowcount or 0)
 
     @staticmethod
     def clamp_future(conn: Connection, now: float) -> list[str]:
@@ -1041,11 +1050,7 @@ _DRIVER_SQL: dict[str, tuple[Callable[[str], Any], tuple[str, ...]]] = {
         ("to", "now"),
     ),
     "purge": (
-        lambda _dialect: (
-            delete(tombstones)
-            .where(tombstones.c.removed_at < bindparam("before"))
-            .returning(tombstones.c.token_hash)
-        ),
+        lambda _dialect: delete(tombstones).where(tombstones.c.removed_at < bindparam("before")),
         ("before",),
     ),
 }
@@ -1081,7 +1086,7 @@ def _fetch_driver_sql(conn: Connection, name: str, params: Sequence[Any]) -> Seq
     SQLAlchemy's Row objects, thousands per cleanup chunk, are tracked by the garbage
     collector and outlive a young collection: they set off full collections (measured:
     46 ms, ten times a chunk) in the middle of cleanup. Tuples of strings are not kept
-    tracked. (SQLite errors are translated by :meth:`SessionStore.guard` all the same.)
+    tracked. (:meth:`SessionStore.guard` translates the driver's own errors too.)
     """
     sql = _driver_sql(conn.dialect, name)
     if conn.dialect.name != "sqlite":

@@ -59,8 +59,8 @@ class GroupCommitWriter:
         exclusive: Kinds that get a transaction to themselves (cleanup chunks, so a
             long delete never delays the creates queued behind it by more than one chunk).
         relaxed: Exclusive kinds whose transactions need not reach the disk before
-            their callers wake (``durable=False``); the activity touches they carry
-            reach it with the next durable commit or checkpoint.
+            their callers wake (``durable=False``). Pending touches are committed
+            durably just before such a transaction, never inside it.
         flush_interval: Longest time a touch waits before it is written (seconds).
         max_batch: Most requests in one transaction.
         clock: Gives each batch its ``now`` (read on the event loop, so handlers
@@ -193,10 +193,14 @@ class GroupCommitWriter:
         return batch
 
     async def _commit(self, batch: list[_Request]) -> None:
-        durable = not batch or batch[0][0] not in self._relaxed
-        # Touches go with every transaction, relaxed ones too: a cleanup chunk must see
-        # the latest activity before it judges what has expired.
+        relaxed = bool(batch) and batch[0][0] in self._relaxed
+        if relaxed and self._pending:
+            # A cleanup chunk must see the latest activity before it judges what has
+            # expired, and touches are promised to reach the disk: they commit first,
+            # in a durable transaction of their own.
+            await self._commit([])
         touches, self._pending, self._deadline = self._pending, {}, None
+        durable = not relaxed or bool(touches)  # touches that came meanwhile, or failed
         started = asyncio.get_running_loop().time()
         now = self._clock()
 

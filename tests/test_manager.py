@@ -257,6 +257,7 @@ async def test_cleanup_reports_exactly_the_rows_it_deleted(
         assert chunks == [4, 4, 4, 2]
         assert sorted(heard) == sorted(expired)
         assert set(await m.list_ids()) == live
+        assert (await m.get_session_metrics())["total_sessions"] == len(live)  # none left
         for token in tokens.values():
             assert (await m.resume(token)).reason == "expired"  # tombstoned with the row
 
@@ -267,36 +268,51 @@ async def test_cleanup_does_not_wait_for_the_disk_other_writes_do(
     backend: str,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    # A cleanup chunk is as good redone as lost, so its commit skips the sync; every
-    # other write (a create right after, on the same connection) still waits for it.
+    # A cleanup chunk is as good redone as lost, so its commit skips the sync. Every
+    # other write still waits for it: a create right after on the same connection, and
+    # activity touches pending when cleanup starts (committed first, on their own).
     from sqlalchemy import Connection
 
     from sessionstore.store import SessionStore
 
     query = "PRAGMA synchronous" if backend == "sqlite" else "SHOW synchronous_commit"
     durable, relaxed = (2, 1) if backend == "sqlite" else ("on", "off")
-    seen: dict[str, list[Any]] = {"cleanup": [], "create": []}
+    seen: list[tuple[str, Any]] = []
 
     def watching(kind: str, method: Any) -> Any:
         def watched(conn: Connection, *args: Any, **kwargs: Any) -> Any:
-            seen[kind].append(conn.exec_driver_sql(query).scalar())
+            seen.append((kind, conn.exec_driver_sql(query).scalar()))
             return method(conn, *args, **kwargs)
 
         return watched
 
-    monkeypatch.setattr(
-        SessionStore, "delete_expired_chunk", watching("cleanup", SessionStore.delete_expired_chunk)
-    )
-    monkeypatch.setattr(SessionStore, "create_many", watching("create", SessionStore.create_many))
+    for kind, name in [
+        ("cleanup", "delete_expired_chunk"),
+        ("create", "create_many"),
+        ("touch", "touch_many"),
+    ]:
+        monkeypatch.setattr(SessionStore, name, watching(kind, getattr(SessionStore, name)))
     async with make_manager(
-        session_timeout_secs=60, cleanup_chunk_rows=2, cleanup_chunk_secs=0
+        session_timeout_secs=60,
+        cleanup_chunk_rows=2,
+        cleanup_chunk_secs=0,
+        flush_interval_secs=3600,
     ) as m:
         await asyncio.gather(*(m.ensure() for _ in range(5)))
-        clock.advance(61)
+        kept = await m.ensure("kept")
+        clock.advance(59)
+        assert await m.update_activity(kept.session_id)  # pending when cleanup starts
+        clock.advance(2)
+        seen.clear()
         assert await m.cleanup_stale_sessions() == 5
         await m.ensure("after")
-    assert seen["cleanup"] == [relaxed] * 3
-    assert set(seen["create"]) == {durable}  # the first batch's five and "after"
+    assert seen == [
+        ("touch", durable),  # its own transaction, before the first chunk
+        ("cleanup", relaxed),
+        ("cleanup", relaxed),
+        ("cleanup", relaxed),
+        ("create", durable),
+    ]
 
 
 @pytest.mark.parametrize(

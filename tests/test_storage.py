@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+from sqlalchemy import Connection
 
 import sessionstore.store as store_module
 from sessionstore import (
@@ -19,7 +20,7 @@ from sessionstore import (
     StorageError,
 )
 from tests.conftest import ManagerFactory
-from tests.helpers import scribble_pages, wait_until
+from tests.helpers import ManualClock, scribble_pages, wait_until
 
 
 def _sha(path: Path) -> str:
@@ -149,6 +150,44 @@ async def test_checkpoint_interval_zero_leaves_checkpoints_to_sqlite(
 ) -> None:
     async with make_manager(db_path, checkpoint_interval_secs=0) as m:
         assert await _autocheckpoint_pages(m) == 1000
+
+
+def _synchronous(conn: Connection) -> int:
+    return int(conn.exec_driver_sql("PRAGMA synchronous").scalar_one())
+
+
+async def test_a_non_durable_write_leaves_the_connection_durable_even_when_it_fails(
+    manager: SessionManager,
+) -> None:
+    store = manager.store
+
+    def fails(conn: Connection) -> None:
+        assert _synchronous(conn) == 1  # NORMAL inside
+        conn.exec_driver_sql(
+            "INSERT INTO sessions (session_id, created_at, last_activity) VALUES ('half', 1, 1)"
+        )
+        raise ValueError("the work failed")
+
+    with pytest.raises(ValueError, match="the work failed"):
+        await store.write(fails, durable=False)
+    assert await store.write(_synchronous) == 2  # FULL again on the same connection
+    assert await store.write(_synchronous, durable=False) == 1
+    assert await store.write(_synchronous) == 2
+    assert await store.fetch("half") is None  # rolled back
+
+
+async def test_a_driver_error_without_a_known_name_is_still_a_storage_error(
+    manager: SessionManager, db_path: Path, clock: ManualClock
+) -> None:
+    # The cleanup statements run on the driver's own cursor, outside SQLAlchemy's
+    # error wrapping: their errors must still arrive as the package's own.
+    await manager.ensure("x")
+    with sqlite3.connect(db_path) as other:
+        other.execute("DROP VIEW sessions_readable")
+        other.execute("DROP TABLE sessions")
+    clock.advance(61)
+    with pytest.raises(StorageError, match="no such table"):
+        await manager.cleanup_stale_sessions()
 
 
 async def test_a_closed_store_refuses_statements(make_manager: ManagerFactory) -> None:
