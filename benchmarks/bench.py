@@ -632,6 +632,8 @@ class PgSide:
         transaction = conn.transaction()
         await transaction.start()
         try:
+            # As sessionstore's cleanup chunks commit.
+            await conn.execute("SET LOCAL synchronous_commit = off")
             if not indexed:
                 for knob in ("enable_indexscan", "enable_indexonlyscan", "enable_bitmapscan"):
                     await conn.execute(f"SET LOCAL {knob} = off")
@@ -1406,7 +1408,8 @@ async def scenario_cleanup(ctx: Context) -> None:
             raw * 1e3,
             None,
             f"sessionstore: cleanup_stale_sessions() deleted {cleaned.deleted:,} in chunks "
-            f"of {cleaned.chunk:,}; raw: one DELETE ({raw_deleted:,} rows) + COMMIT; "
+            f"of {cleaned.chunk:,} and more; raw: one DELETE ({raw_deleted:,} rows) + COMMIT; "
+            "every contender commits without a sync, as sessionstore's cleanup does; "
             "redis: n/a (expires keys itself)" + pg_note,
             pg=None if pg is None else pg.ss.seconds * 1e3,
         )
@@ -1558,9 +1561,14 @@ def raw_count_expired(path: Path, cutoff: float, *, indexed: bool) -> float:
 
 
 def raw_delete_once(path: Path, cutoff: float) -> tuple[float, int]:
-    """One ``DELETE ... WHERE last_activity < ?`` and its COMMIT: (seconds, rows)."""
+    """One ``DELETE ... WHERE last_activity < ?`` and its COMMIT: (seconds, rows).
+
+    With ``synchronous=NORMAL``, as sessionstore's cleanup chunks commit (measured:
+    the unindexed DELETE 77-79 ms this way, 80-97 ms with FULL's fsync).
+    """
     conn = raw_connect(path)
     try:
+        conn.execute("PRAGMA synchronous = NORMAL")
         collected()
         started = time.perf_counter()
         conn.execute("BEGIN IMMEDIATE")
