@@ -1955,6 +1955,9 @@ def raw_cleanup_latencies(
 ) -> tuple[list[float], float]:
     """One writer: a DELETE chunk, then ``batch`` INSERTs, until nothing is left.
 
+    The DELETE chunks commit without a sync and the INSERTs with one, as
+    sessionstore's cleanup chunks and creates do.
+
     Each INSERT's latency runs from the start of the chunk it waited behind to its
     own COMMIT: ``batch`` callers that re-submit at once, as in group commit.
     """
@@ -1964,9 +1967,11 @@ def raw_cleanup_latencies(
     try:
         while True:
             t0 = time.perf_counter()
+            conn.execute("PRAGMA synchronous = NORMAL")  # as sessionstore's cleanup chunks
             conn.execute("BEGIN IMMEDIATE")
             deleted = conn.execute(CHUNK_DELETE_SQL, (cutoff, chunk)).rowcount
             conn.execute("COMMIT")
+            conn.execute("PRAGMA synchronous = FULL")
             now = time.time()
             rows = [(new_id(), now, now, DATA_TEXT) for _ in range(batch)]
             conn.execute("BEGIN IMMEDIATE")

@@ -556,6 +556,10 @@ class SessionManager:
         writer = self._running_writer()
         started = time.perf_counter()
         now = self._clock()
+        # Activity this manager holds in memory goes to the database first, so the
+        # chunks judge expiry on it (they carry no touches themselves). A touch after
+        # this point is of a session live at ``now``, whose row is past the cutoff.
+        await writer.flush()
         for sid in [s for s, e in self._cache.items() if _last(e) > now]:
             self._cache.pop(sid)  # from the future: reload the clamped row
         total, rows, first = 0, self.settings.cleanup_chunk_rows, True

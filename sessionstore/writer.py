@@ -59,8 +59,8 @@ class GroupCommitWriter:
         exclusive: Kinds that get a transaction to themselves (cleanup chunks, so a
             long delete never delays the creates queued behind it by more than one chunk).
         relaxed: Exclusive kinds whose transactions need not reach the disk before
-            their callers wake (``durable=False``). Pending touches are committed
-            durably just before such a transaction, never inside it.
+            their callers wake (``durable=False``). They carry no activity touches; a
+            caller that needs touches applied first calls :meth:`flush` (cleanup does).
         flush_interval: Longest time a touch waits before it is written (seconds).
         max_batch: Most requests in one transaction.
         clock: Gives each batch its ``now`` (read on the event loop, so handlers
@@ -194,13 +194,18 @@ class GroupCommitWriter:
 
     async def _commit(self, batch: list[_Request]) -> None:
         relaxed = bool(batch) and batch[0][0] in self._relaxed
-        if relaxed and self._pending:
-            # A cleanup chunk must see the latest activity before it judges what has
-            # expired, and touches are promised to reach the disk: they commit first,
-            # in a durable transaction of their own.
+        touches: dict[str, float] = {}
+        if not relaxed:
+            touches, self._pending, self._deadline = self._pending, {}, None
+        elif (
+            self._pending
+            and self._deadline is not None
+            and asyncio.get_running_loop().time() >= self._deadline
+        ):
+            # Touches are promised to the disk within the flush interval, so they never
+            # ride in a transaction that skips the sync: they wait for the next durable
+            # one, or, once due, commit first in one of their own.
             await self._commit([])
-        touches, self._pending, self._deadline = self._pending, {}, None
-        durable = not relaxed or bool(touches)  # touches that came meanwhile, or failed
         started = asyncio.get_running_loop().time()
         now = self._clock()
 
@@ -217,7 +222,7 @@ class GroupCommitWriter:
             return results
 
         try:
-            results = await self._store.write(work, durable=durable)
+            results = await self._store.write(work, durable=not relaxed)
         except Exception as exc:
             self._restore(touches)
             live = [r for r in batch if not r[2].done()]

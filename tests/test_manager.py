@@ -262,15 +262,19 @@ async def test_cleanup_reports_exactly_the_rows_it_deleted(
             assert (await m.resume(token)).reason == "expired"  # tombstoned with the row
 
 
+@pytest.mark.parametrize("touches_due", [False, True])
 async def test_cleanup_does_not_wait_for_the_disk_other_writes_do(
     make_manager: ManagerFactory,
     clock: ManualClock,
     backend: str,
     monkeypatch: pytest.MonkeyPatch,
+    touches_due: bool,
 ) -> None:
     # A cleanup chunk is as good redone as lost, so its commit skips the sync. Every
     # other write still waits for it: a create right after on the same connection, and
-    # activity touches pending when cleanup starts (committed first, on their own).
+    # activity touches, which never ride in a chunk: those pending when cleanup starts
+    # commit first, those made meanwhile wait for the next durable write or, once due
+    # (a flush interval of ~0 here), commit on their own before the next chunk.
     from sqlalchemy import Connection
 
     from sessionstore.store import SessionStore
@@ -296,7 +300,7 @@ async def test_cleanup_does_not_wait_for_the_disk_other_writes_do(
         session_timeout_secs=60,
         cleanup_chunk_rows=2,
         cleanup_chunk_secs=0,
-        flush_interval_secs=3600,
+        flush_interval_secs=1e-9 if touches_due else 3600,
     ) as m:
         await asyncio.gather(*(m.ensure() for _ in range(5)))
         kept = await m.ensure("kept")
@@ -304,15 +308,20 @@ async def test_cleanup_does_not_wait_for_the_disk_other_writes_do(
         assert await m.update_activity(kept.session_id)  # pending when cleanup starts
         clock.advance(2)
         seen.clear()
-        assert await m.cleanup_stale_sessions() == 5
+
+        touches: list[asyncio.Task[bool]] = []
+
+        def touch_between_chunks(_rows: int) -> None:  # runs before the next chunk starts
+            touches.append(asyncio.create_task(m.update_activity(kept.session_id)))
+
+        assert await m.cleanup_stale_sessions(progress=touch_between_chunks) == 5
+        assert await asyncio.gather(*touches) == [True, True, True]
         await m.ensure("after")
-    assert seen == [
-        ("touch", durable),  # its own transaction, before the first chunk
-        ("cleanup", relaxed),
-        ("cleanup", relaxed),
-        ("cleanup", relaxed),
-        ("create", durable),
-    ]
+    touch, chunk, create = ("touch", durable), ("cleanup", relaxed), ("create", durable)
+    if touches_due:
+        assert seen == [touch, chunk, touch, chunk, touch, chunk, touch, create]
+    else:  # the touches made meanwhile wait for the create
+        assert seen == [touch, chunk, chunk, chunk, touch, create]
 
 
 @pytest.mark.parametrize(

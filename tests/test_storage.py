@@ -176,6 +176,40 @@ async def test_a_non_durable_write_leaves_the_connection_durable_even_when_it_fa
     assert await store.fetch("half") is None  # rolled back
 
 
+async def test_a_connection_that_cannot_be_made_durable_again_is_replaced(
+    manager: SessionManager,
+) -> None:
+    store = manager.store
+    before: list[object] = []
+
+    def refuses_the_restore(conn: Connection) -> None:
+        dbapi = conn.connection.dbapi_connection
+        assert dbapi is not None
+        before.append(dbapi)
+
+        def authorizer(action: int, arg1: str | None, arg2: str | None, *_: object) -> int:
+            if action == sqlite3.SQLITE_PRAGMA and arg1 == "synchronous" and arg2:
+                return sqlite3.SQLITE_DENY if arg2.upper() != "NORMAL" else sqlite3.SQLITE_OK
+            return sqlite3.SQLITE_OK
+
+        dbapi.set_authorizer(authorizer)  # the restore after the commit will be refused
+        conn.exec_driver_sql(
+            "INSERT INTO sessions (session_id, created_at, last_activity) "
+            "VALUES ('kept', 1e12, 1e12)"  # in the future: no cleanup deletes it
+        )
+
+    await store.write(refuses_the_restore, durable=False)  # committed all the same
+    row = await store.fetch("kept")
+    assert row is not None
+
+    def which(conn: Connection) -> tuple[object, int]:
+        return conn.connection.dbapi_connection, _synchronous(conn)
+
+    connection, synchronous = await store.write(which)
+    assert synchronous == 2  # FULL: the connection left at NORMAL was dropped
+    assert connection is not before[0]
+
+
 async def test_a_driver_error_without_a_known_name_is_still_a_storage_error(
     manager: SessionManager, db_path: Path, clock: ManualClock
 ) -> None:
