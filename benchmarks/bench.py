@@ -1408,7 +1408,8 @@ async def scenario_cleanup(ctx: Context) -> None:
             raw * 1e3,
             None,
             f"sessionstore: cleanup_stale_sessions() deleted {cleaned.deleted:,} in chunks "
-            f"of {cleaned.chunk:,} and more; raw: one DELETE ({raw_deleted:,} rows) + COMMIT; "
+            f"from {cleaned.chunk:,} rows, sized by time; "
+            f"raw: one DELETE ({raw_deleted:,} rows) + COMMIT; "
             "every contender commits without a sync, as sessionstore's cleanup does; "
             "redis: n/a (expires keys itself)" + pg_note,
             pg=None if pg is None else pg.ss.seconds * 1e3,
@@ -1854,8 +1855,8 @@ async def scenario_latency(ctx: Context) -> None:
             ss.seconds,
             raw_seconds,
             rd_seconds,
-            f"sessionstore deleted {ss.deleted:,} (chunks of {chunk:,}) while serving ensure()"
-            + ("" if pg is None else f"; on PostgreSQL {pg.deleted:,}"),
+            f"sessionstore deleted {ss.deleted:,} (chunks from {chunk:,} rows, sized by time) "
+            "while serving ensure()" + ("" if pg is None else f"; on PostgreSQL {pg.deleted:,}"),
             pg=None if pg is None else pg.seconds,
         )
     )
