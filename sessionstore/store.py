@@ -446,18 +446,35 @@ class SessionStore:
         if self.dialect != "sqlite":
             return False, 0, 0
         statement = f"PRAGMA wal_checkpoint({mode})"
+        if mode == "PASSIVE":  # on a reader: copying takes a while, and blocks no one
+            result = await self.read(lambda conn: conn.exec_driver_sql(statement))
+            busy, in_wal, copied = tuple(result.one())
+            return bool(busy), int(in_wal), int(copied)
+        # In the writer thread, between two of this store's own transactions: only a
+        # reader or another process can keep it waiting. On a connection of its own it
+        # also waited for this store's writer, and under writes that never pause it
+        # gave up for that (then waited 10 s while the WAL grew: seen in CI).
+        write_thread = self._write_thread
+        if write_thread is None:
+            raise StorageError(f"{self.label}: store is not open")
+        work = functools.partial(self._checkpoint_in_writer, statement)
+        async with self.guard():
+            loop = asyncio.get_running_loop()
+            return await self._to_the_end(_in_executor(loop, write_thread, work))
 
-        async def run(conn: AsyncConnection) -> Any:
-            if mode == "PASSIVE":
-                return await conn.exec_driver_sql(statement)
-            await conn.exec_driver_sql(f"PRAGMA busy_timeout = {_RESTART_WAIT_MS}")
+    def _checkpoint_in_writer(self, statement: str) -> tuple[bool, int, int]:
+        if self._write_engine is None:
+            raise StorageError(f"{self.label}: store is not open")
+        with self._write_engine.connect() as conn:  # no transaction: a bare pragma
+            dbapi = conn.connection.dbapi_connection
+            if dbapi is None:
+                raise StorageError(f"{self.label}: writer connection is closed")
+            dbapi.execute(f"PRAGMA busy_timeout = {_RESTART_WAIT_MS}")
             try:
-                return await conn.exec_driver_sql(statement)
-            finally:  # the pooled connection goes back as it came
-                await conn.exec_driver_sql(f"PRAGMA busy_timeout = {self._busy_timeout_ms}")
-
-        busy, in_wal, copied = tuple((await self.read(run)).one())
-        return bool(busy), int(in_wal), int(copied)
+                busy, in_wal, copied = dbapi.execute(statement).fetchone()
+            finally:  # the connection goes on as it came
+                dbapi.execute(f"PRAGMA busy_timeout = {self._busy_timeout_ms}")
+            return bool(busy), int(in_wal), int(copied)
 
     async def _checkpoint_loop(self) -> None:
         # SQLite's own autocheckpoint runs inside the commit that crosses 1,000 pages,

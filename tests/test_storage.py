@@ -6,6 +6,7 @@ import asyncio
 import hashlib
 import logging
 import sqlite3
+import threading
 import time
 from pathlib import Path
 
@@ -294,3 +295,32 @@ async def test_a_long_reader_does_not_stall_writes_behind_a_restart_checkpoint(
             reader.close()
     assert slowest < 2.0, f"a batch of writes took {slowest:.1f} s"
     assert "a reader keeps the WAL from starting over" in caplog.text  # it did try
+
+
+async def test_a_restart_checkpoint_does_not_give_up_because_of_our_own_writes(
+    make_manager: ManagerFactory, db_path: Path
+) -> None:
+    # Under writes that never pause, a RESTART that waited on this store's own writer
+    # for the write lock gave up, and the next try came 10 s later while the WAL grew
+    # (seen once in CI). It runs between this store's transactions instead, so only a
+    # reader or another process can make it give up.
+    async with make_manager(db_path, max_concurrent_sessions=0, checkpoint_interval_secs=0) as m:
+        await asyncio.gather(*(m.ensure(data={"pad": "x" * 3000}) for _ in range(100)))
+        inside, release = threading.Event(), threading.Event()
+
+        def holds_the_write_lock(conn: Connection) -> None:
+            conn.exec_driver_sql(
+                "INSERT INTO sessions (session_id, created_at, last_activity) "
+                "VALUES ('slow', 1e12, 1e12)"
+            )
+            inside.set()
+            release.wait(0.2)  # ten times the RESTART's wait for the lock
+
+        write = asyncio.ensure_future(m.store.write(holds_the_write_lock))
+        await asyncio.to_thread(inside.wait, 5)
+        restart = asyncio.ensure_future(m.store._checkpoint("RESTART"))
+        await write
+        release.set()
+        busy, in_wal, copied = await restart
+        assert not busy
+        assert copied == in_wal  # everything copied: the next commit starts the WAL over
