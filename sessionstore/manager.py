@@ -557,8 +557,9 @@ class SessionManager:
         started = time.perf_counter()
         now = self._clock()
         # Activity this manager holds in memory goes to the database first, so the
-        # chunks judge expiry on it (they carry no touches themselves). A touch after
-        # this point is of a session live at ``now``, whose row is past the cutoff.
+        # chunks judge expiry on it (they carry no touches themselves). A touch made
+        # after this point is of a session live at ``now``: its stored activity is
+        # already at or after the cutoff, so no chunk deletes it either way.
         await writer.flush()
         for sid in [s for s, e in self._cache.items() if _last(e) > now]:
             self._cache.pop(sid)  # from the future: reload the clamped row
