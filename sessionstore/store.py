@@ -22,7 +22,15 @@ import json
 import logging
 import os
 import sqlite3
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable, Sequence
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Coroutine,
+    Iterable,
+    Iterator,
+    Sequence,
+)
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -454,21 +462,10 @@ class SessionStore:
         # reader or another process can keep it waiting. On a connection of its own it
         # also waited for this store's writer, and under writes that never pause it
         # gave up for that (then waited 10 s while the WAL grew: seen in CI).
-        write_thread = self._write_thread
-        if write_thread is None:
-            raise StorageError(f"{self.label}: store is not open")
-        work = functools.partial(self._checkpoint_in_writer, statement)
-        async with self.guard():
-            loop = asyncio.get_running_loop()
-            return await self._to_the_end(_in_executor(loop, write_thread, work))
+        return await self._in_writer(functools.partial(self._checkpoint_in_writer, statement))
 
     def _checkpoint_in_writer(self, statement: str) -> tuple[bool, int, int]:
-        if self._write_engine is None:
-            raise StorageError(f"{self.label}: store is not open")
-        with self._write_engine.connect() as conn:  # no transaction: a bare pragma
-            dbapi = conn.connection.dbapi_connection
-            if dbapi is None:
-                raise StorageError(f"{self.label}: writer connection is closed")
+        with self._writer_dbapi() as (_conn, dbapi):  # no transaction: a bare pragma
             dbapi.execute(f"PRAGMA busy_timeout = {_RESTART_WAIT_MS}")
             try:
                 busy, in_wal, copied = dbapi.execute(statement).fetchone()
@@ -678,17 +675,12 @@ class SessionStore:
         return result
 
     def _in_thread(self, work: Callable[[Connection], T], durable: bool = True) -> T:
-        if self._write_engine is None:
-            raise StorageError(f"{self.label}: store is not open")
         if durable or self._synchronous == "NORMAL":
-            with self._write_engine.begin() as conn:
+            with self._writer_dbapi() as (conn, _dbapi), conn.begin():
                 return work(conn)
-        with self._write_engine.connect() as conn:
+        with self._writer_dbapi() as (conn, dbapi):
             # On the bare driver connection, outside the transaction: SQLite refuses to
             # change it inside one.
-            dbapi = conn.connection.dbapi_connection
-            if dbapi is None:
-                raise StorageError(f"{self.label}: writer connection is closed")
             dbapi.execute("PRAGMA synchronous = NORMAL")
             try:
                 with conn.begin():
@@ -713,21 +705,32 @@ class SessionStore:
         """
         if self._write_thread is None:
             return None
-        loop = asyncio.get_running_loop()
-        async with self.guard():
-            return await self._to_the_end(
-                _in_executor(loop, self._write_thread, self._data_version)
-            )
+        return await self._in_writer(self._data_version)
 
     def _data_version(self) -> tuple[object, int]:
+        with self._writer_dbapi() as (_conn, dbapi):  # no transaction: a bare pragma
+            (version,) = dbapi.execute("PRAGMA data_version").fetchone()
+            return dbapi, int(version)
+
+    async def _in_writer(self, work: Callable[[], T]) -> T:
+        """Run ``work`` in the SQLite writer thread, between this store's transactions."""
+        write_thread = self._write_thread
+        if write_thread is None:
+            raise StorageError(f"{self.label}: store is not open")
+        async with self.guard():
+            loop = asyncio.get_running_loop()
+            return await self._to_the_end(_in_executor(loop, write_thread, work))
+
+    @contextlib.contextmanager
+    def _writer_dbapi(self) -> Iterator[tuple[Connection, Any]]:
+        """The writer's connection, outside any transaction, and its driver connection."""
         if self._write_engine is None:
             raise StorageError(f"{self.label}: store is not open")
-        with self._write_engine.connect() as conn:  # no transaction: a bare pragma
+        with self._write_engine.connect() as conn:
             dbapi = conn.connection.dbapi_connection
             if dbapi is None:
                 raise StorageError(f"{self.label}: writer connection is closed")
-            (version,) = dbapi.execute("PRAGMA data_version").fetchone()
-            return dbapi, int(version)
+            yield conn, dbapi
 
     async def read(self, work: Callable[[AsyncConnection], Awaitable[T]]) -> T:
         """Run ``work`` on a pooled connection without an explicit transaction.

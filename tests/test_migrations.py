@@ -8,6 +8,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import pytest
 from alembic import command
@@ -38,6 +39,17 @@ def _sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+async def _migrate(path: Path, step: Any, target: str) -> None:
+    """Run ``migrate.upgrade_locked`` or ``downgrade_locked`` to ``target`` on the file."""
+    store = SessionStore(str(path))
+    await store.open(upgrade=False)
+    try:
+        async with store.engine.begin() as conn:
+            await conn.run_sync(step, store.label, target)
+    finally:
+        await store.close()
+
+
 async def test_schema_module_and_migrations_agree(db_path: Path) -> None:
     store = SessionStore(str(db_path))
     await store.open()
@@ -57,13 +69,7 @@ async def test_schema_module_and_migrations_agree(db_path: Path) -> None:
 async def test_downgrade_to_base_and_upgrade_again(db_path: Path) -> None:
     async with SessionManager(str(db_path)) as m:
         await m.ensure("before")
-    store = SessionStore(str(db_path))
-    await store.open()
-    try:
-        async with store.engine.begin() as conn:
-            await conn.run_sync(migrate.downgrade_locked, store.label, "base")
-    finally:
-        await store.close()
+    await _migrate(db_path, migrate.downgrade_locked, "base")
     assert _tables(db_path) == {"alembic_version"}
     async with SessionManager(str(db_path)) as m:
         assert _revision(db_path) == migrate.head_revision()
@@ -103,13 +109,7 @@ def _token_index_sql(path: Path) -> str:
 async def test_upgrade_to_the_partial_token_index_keeps_tokens_working(
     db_path: Path,
 ) -> None:
-    store = SessionStore(str(db_path))
-    await store.open(upgrade=False)
-    try:
-        async with store.engine.begin() as conn:
-            await conn.run_sync(migrate.upgrade_locked, store.label, "0002")
-    finally:
-        await store.close()
+    await _migrate(db_path, migrate.upgrade_locked, "0002")
     assert "WHERE" not in _token_index_sql(db_path)
     async with SessionManager(str(db_path), clock=lambda: 1e12) as m:
         # What migration 0003 made is what schema.py declares (alembic's drift check
@@ -136,13 +136,7 @@ async def test_upgrade_to_the_partial_token_index_keeps_tokens_working(
             conn.execute(
                 "UPDATE sessions SET token_hash = ? WHERE session_id = 'no-token'", (held,)
             )
-    store = SessionStore(str(db_path))
-    await store.open()
-    try:
-        async with store.engine.begin() as conn:
-            await conn.run_sync(migrate.downgrade_locked, store.label, "0002")
-    finally:
-        await store.close()
+    await _migrate(db_path, migrate.downgrade_locked, "0002")
     assert "WHERE" not in _token_index_sql(db_path)
 
 
