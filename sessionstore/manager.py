@@ -41,7 +41,7 @@ from .errors import (
     VersionConflictError,
 )
 from .session import Session, new_session_id
-from .store import CreateResult, NewSession, SessionRow, SessionStore, dumps, loads
+from .store import CreateResult, NewRow, NewSession, SessionRow, SessionStore, dumps, loads
 from .writer import GroupCommitWriter
 
 __all__ = ["RecoveryReport", "RemovalListener", "ResumeResult", "SessionManager"]
@@ -254,6 +254,7 @@ class SessionManager:
         # off 7-8 full ones (40-55 ms each) in 3 s; bound once, none: 77k-81k ->
         # 90k-99k creates/s.
         self._created_callback = self._on_created
+        self._new_callback = self._on_new
         self._writer: GroupCommitWriter | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._state: Literal["new", "running", "closed"] = "new"
@@ -342,7 +343,8 @@ class SessionManager:
             self._writer = GroupCommitWriter(
                 self._store,
                 {
-                    "create": self._apply_creates,
+                    "create": self._apply_new,
+                    "ensure": self._apply_creates,
                     "delete": self._apply_deletes,
                     "data": self._apply_data_changes,
                     "token": self._apply_tokens,
@@ -475,14 +477,19 @@ class SessionManager:
             returned: dict[str, Any] = dict(data) if flat else loads(text)
         else:
             text, returned = "{}", {}
-        new_id = session_id or new_session_id()
-        new = NewSession(new_id, now, text, session_id is not None)
-        outcome: _Entry | bool = await writer.submit("create", new, self._created_callback)
+        if session_id is None:
+            # A generated id is new: no row to look for, the row itself is the request.
+            new_id = new_session_id()
+            if await writer.submit("create", (new_id, now, now, text, 1), self._new_callback):
+                return Session(new_id, now, now, returned, 1)
+            raise SessionLimitError(self.settings.max_concurrent_sessions)
+        new = NewSession(session_id, now, text, True)
+        outcome: _Entry | bool = await writer.submit("ensure", new, self._created_callback)
         if outcome is True:
-            return Session(new_id, now, now, returned, 1)
+            return Session(session_id, now, now, returned, 1)
         if outcome is False:
             raise SessionLimitError(self.settings.max_concurrent_sessions)
-        return self._snapshot(new_id, outcome)  # it existed: get-or-create
+        return self._snapshot(session_id, outcome)  # it existed: get-or-create
 
     async def get(self, session_id: str) -> Session | None:
         """The live session with this id, or ``None`` when absent or expired."""
@@ -874,6 +881,13 @@ class SessionManager:
             return False
         return self._remember(result.row)
 
+    def _on_new(self, row: NewRow, created: bool) -> bool:
+        """A session with a generated id: True when created, False when refused."""
+        if created:
+            self._cache[row[0]] = _pack(row[1], row[1], 1, row[3])
+            self.counters["created"] += 1
+        return created
+
     def _on_removed(self, session_id: str, existed: bool) -> bool:
         self._gone([session_id] if existed else [], "removed")
         self._cache.pop(session_id, None)
@@ -895,6 +909,12 @@ class SessionManager:
         return self._remember(result)
 
     # ----- writer handlers: run inside the writer's transaction -----
+
+    def _apply_new(self, conn: Connection, rows: list[NewRow], now: float) -> list[Any]:
+        made = SessionStore.insert_new(
+            conn, rows, cutoff=self._cutoff(now), limit=self.settings.max_concurrent_sessions
+        )
+        return [True] * made + [False] * (len(rows) - made)
 
     def _apply_creates(self, conn: Connection, new: list[NewSession], now: float) -> list[Any]:
         return list(

@@ -35,27 +35,43 @@ def new_session_id(now: float | None = None) -> str:
     the id: ids are public (safe to log); resume tokens are the secret.
     """
     ms = int((time.time() if now is None else now) * 1000)
-    if not 0 <= ms <= _MAX_MS:
-        ms = 0 if ms < 0 else _MAX_MS
-    raw = ms.to_bytes(6, "big") + _random12()  # 18 bytes: 24 characters, no padding
+    prefix = _prefix
+    if prefix[0] != ms:
+        prefix = _prefix_of(ms)
+    try:
+        return prefix[1] + _RANDOM_PIECES.popleft()
+    except IndexError:
+        return prefix[1] + _random16()
+
+
+def _encode(raw: bytes) -> str:
     return binascii.b2a_base64(raw, newline=False).translate(_ORDERED_BASE64).decode()
 
 
-# Random bytes are read from os.urandom 4 KiB at a time (one system call per 341 ids
-# instead of one per id) and handed out in 12-byte pieces. deque.popleft is atomic,
-# so no two callers, in any threads, get the same piece; a forked child drops what it
-# inherited, or parent and child would make the same ids.
-_RANDOM_PIECES: deque[bytes] = deque()
+def _prefix_of(ms: int) -> tuple[int, str]:
+    """The 8 characters of millisecond ``ms``, kept for the next id of the same one."""
+    global _prefix
+    clamped = 0 if ms < 0 else min(ms, _MAX_MS)
+    _prefix = (ms, _encode(clamped.to_bytes(6, "big")))  # one tuple: replaced whole
+    return _prefix
+
+
+_prefix: tuple[int, str] = (-1, "")
+
+# Random parts are read from os.urandom 4 KiB at a time (one system call per 341 ids
+# instead of one per id), encoded at once (12 bytes are 16 characters, so the encoding
+# of the block is the encodings of its pieces end to end) and handed out 16 characters
+# at a time. deque.popleft is atomic, so no two callers, in any threads, get the same
+# piece; a forked child drops what it inherited, or parent and child would make the
+# same ids.
+_RANDOM_PIECES: deque[str] = deque()
 os.register_at_fork(after_in_child=_RANDOM_PIECES.clear)
 
 
-def _random12() -> bytes:
-    try:
-        return _RANDOM_PIECES.popleft()
-    except IndexError:
-        block = os.urandom(12 * 341)
-        _RANDOM_PIECES.extend(block[i : i + 12] for i in range(12, len(block), 12))
-        return block[:12]
+def _random16() -> str:
+    text = _encode(os.urandom(12 * 341))
+    _RANDOM_PIECES.extend(text[i : i + 16] for i in range(16, len(text), 16))
+    return text[:16]
 
 
 @dataclass(slots=True)

@@ -67,6 +67,7 @@ from .schema import sessions, tombstones
 
 __all__ = [
     "CreateResult",
+    "NewRow",
     "NewSession",
     "SessionRow",
     "SessionStore",
@@ -108,6 +109,11 @@ class NewSession(NamedTuple):
     now: float
     data: str = "{}"
     explicit: bool = False
+
+
+#: The row of a new session with a generated id, in the order of the ``insert``
+#: statement: (session_id, created_at, last_activity, data, version).
+NewRow = tuple[str, float, float, str, int]
 
 
 class CreateResult(NamedTuple):
@@ -197,7 +203,7 @@ def translate_error(exc: BaseException, label: str) -> StorageError | None:
     return None
 
 
-def _settled(task: asyncio.Task[Any]) -> None:
+def _settled(task: asyncio.Future[Any]) -> None:
     """Mark a finished statement's failure as seen: its caller may be gone."""
     if not task.cancelled():
         task.exception()
@@ -644,8 +650,8 @@ class SessionStore:
         on SQLite it runs whole in the writer thread, on PostgreSQL through
         ``run_sync`` on the event loop. Commits when ``work`` returns, rolls back when
         it raises; either way the connection goes back to the pool outside any
-        transaction. A cancelled caller does not interrupt it (see
-        :meth:`_to_the_end`): the row ends old or new.
+        transaction. A cancelled caller does not interrupt it (see :meth:`_to_writer`
+        and :meth:`_to_the_end`): the row ends old or new.
 
         ``durable=False`` returns without waiting for the commit to reach the disk
         (SQLite ``synchronous=NORMAL``, PostgreSQL ``synchronous_commit=off``, for
@@ -654,25 +660,29 @@ class SessionStore:
         writes anything, or a checkpoint, makes it durable too. For work that is as
         good redone as lost, such as deleting expired rows.
         """
+        if self._write_thread is not None:
+            # The thread runs it to the end whatever happens to the caller. The commit
+            # is noted as it completes, not when (or whether) the caller wakes.
+            future = self._to_writer(self._in_thread, work, durable)
+            future.add_done_callback(self._note_commit)
+            async with self.guard():
+                return await asyncio.shield(future)
         return await self._to_the_end(self._transaction(work, durable))
 
     async def _transaction(self, work: Callable[[Connection], T], durable: bool) -> T:
-        async with self.guard():
-            if self._write_thread is not None:
-                loop = asyncio.get_running_loop()
-                result = await loop.run_in_executor(
-                    self._write_thread, self._in_thread, work, durable
-                )
-            else:
-                async with self.engine.begin() as conn:
-                    # One writer at a time per database, like SQLite's write lock: this
-                    # is what makes the live-session count and the insert atomic.
-                    await conn.execute(select(func.pg_advisory_xact_lock(0x5E55)))
-                    if not durable:
-                        await conn.exec_driver_sql("SET LOCAL synchronous_commit = off")
-                    result = await conn.run_sync(work)
+        async with self.guard(), self.engine.begin() as conn:
+            # One writer at a time per database, like SQLite's write lock: this is
+            # what makes the live-session count and the insert atomic.
+            await conn.execute(select(func.pg_advisory_xact_lock(0x5E55)))
+            if not durable:
+                await conn.exec_driver_sql("SET LOCAL synchronous_commit = off")
+            result = await conn.run_sync(work)
         self._committed.set()  # here, not in write(): also when its caller was cancelled
         return result
+
+    def _note_commit(self, future: asyncio.Future[Any]) -> None:
+        if not future.cancelled() and future.exception() is None:
+            self._committed.set()
 
     def _in_thread(self, work: Callable[[Connection], T], durable: bool = True) -> T:
         if durable or self._synchronous == "NORMAL":
@@ -714,12 +724,25 @@ class SessionStore:
 
     async def _in_writer(self, work: Callable[[], T]) -> T:
         """Run ``work`` in the SQLite writer thread, between this store's transactions."""
+        future = self._to_writer(work)
+        async with self.guard():
+            return await asyncio.shield(future)
+
+    def _to_writer(self, work: Callable[..., T], *args: Any) -> asyncio.Future[T]:
+        """Hand ``work(*args)`` to the SQLite writer thread.
+
+        A future rather than a task: one hop less per transaction. Nothing that
+        happens to the caller stops the thread; :meth:`close` disposes of the
+        writer's connection in the same thread, so after whatever was handed over.
+        """
         write_thread = self._write_thread
         if write_thread is None:
             raise StorageError(f"{self.label}: store is not open")
-        async with self.guard():
-            loop = asyncio.get_running_loop()
-            return await self._to_the_end(_in_executor(loop, write_thread, work))
+        if self._closing:
+            raise StorageError(f"{self.label}: store is closed")
+        future = asyncio.get_running_loop().run_in_executor(write_thread, work, *args)
+        future.add_done_callback(_settled)
+        return future
 
     @contextlib.contextmanager
     def _writer_dbapi(self) -> Iterator[tuple[Connection, Any]]:
@@ -851,6 +874,23 @@ class SessionStore:
         """Live rows, counted inside the caller's write transaction."""
         stmt = select(func.count()).where(sessions.c.last_activity >= cutoff)
         return int((conn.execute(stmt)).scalar_one())
+
+    @classmethod
+    def insert_new(
+        cls, conn: Connection, rows: Sequence[NewRow], *, cutoff: float, limit: int
+    ) -> int:
+        """Insert sessions with generated ids, as many as ``limit`` leaves room for (0: no
+        limit): the first ones. Returns how many.
+
+        Generated ids are unique (:func:`~sessionstore.session.new_session_id`), so
+        there is no existing row to look for; a collision fails the transaction.
+        """
+        room = (limit - cls.count_live(conn, cutoff)) if limit else len(rows)
+        if room < len(rows):
+            rows = rows[: max(room, 0)]
+        if rows:
+            _executemany(conn, "insert", rows)
+        return len(rows)
 
     @classmethod
     def create_many(
@@ -1088,12 +1128,6 @@ def _driver_sql(dialect: Dialect, name: str) -> str:
             raise RuntimeError(f"unexpected parameter order for {name}: {compiled.positiontup}")
         sql = _compiled[key] = str(compiled)
     return sql
-
-
-async def _in_executor(
-    loop: asyncio.AbstractEventLoop, executor: ThreadPoolExecutor, work: Callable[[], T]
-) -> T:
-    return await loop.run_in_executor(executor, work)
 
 
 def _executemany(conn: Connection, name: str, rows: Sequence[Sequence[Any]]) -> None:

@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import operator
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
@@ -48,6 +49,7 @@ OnCommit = Callable[[Any, Any], Any]
 #: One queued write: (kind, arg, the caller's future, on_commit). A plain tuple: one
 #: is made per create, and a named one costs ten times as much to make.
 _Request = tuple[str, Any, "asyncio.Future[Any]", OnCommit | None]
+_KIND = operator.itemgetter(0)
 
 
 class GroupCommitWriter:
@@ -213,7 +215,7 @@ class GroupCommitWriter:
             if touches:
                 SessionStore.touch_many(conn, touches.items())
             results: list[Any] = []
-            for kind, run in itertools.groupby(batch, key=lambda r: r[0]):
+            for kind, run in itertools.groupby(batch, key=_KIND):
                 args = [r[1] for r in run]
                 out = self._handlers[kind](conn, args, now)
                 if len(out) != len(args):
