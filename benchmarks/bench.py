@@ -46,6 +46,7 @@ from sqlalchemy.engine import URL, make_url
 
 import sessionstore
 from sessionstore import SessionManager, new_session_id
+from sessionstore.store import dumps
 
 try:
     import redis.asyncio as aioredis
@@ -68,7 +69,12 @@ BASE = 1_700_000_000.0
 TIMEOUT = 30 * 86400.0
 #: The 200-byte JSON object every session carries.
 DATA: dict[str, str] = {"v": "x" * 192}
-DATA_TEXT = json.dumps(DATA, separators=(",", ":"))
+#: Compact JSON for the contenders that serialize per write: sessionstore's own encoder,
+#: so that every contender does the same work per row. (``json.dumps`` with
+#: ``separators`` builds a new encoder each call: 3 us here against 1 us, a fifth of
+#: the raw insert's time per row.)
+encode_data = dumps
+DATA_TEXT = encode_data(DATA)
 assert len(DATA_TEXT) == 200
 INSERT_SQL = (
     "INSERT INTO sessions (session_id, created_at, last_activity, data, version) "
@@ -195,7 +201,7 @@ def fake_ids(n: int, created: Callable[[int], float]) -> list[str]:
 def new_rows(count: int) -> list[tuple[str, float, float, str]]:
     """INSERT parameters of ``count`` new sessions, stamped now, each one's data serialized."""
     now = time.time()
-    return [(new_id(), now, now, json.dumps(DATA, separators=(",", ":"))) for _ in range(count)]
+    return [(new_id(), now, now, encode_data(DATA)) for _ in range(count)]
 
 
 @functools.lru_cache(maxsize=2)
@@ -1027,7 +1033,7 @@ async def redis_set_throughput(ctx: Context, tasks: int, duration: float) -> flo
     async def op(_k: int, _i: int) -> None:
         key = ctx.redis.key(new_id())  # type: ignore[union-attr]
         keys.append(key)
-        await client.set(key, json.dumps(DATA, separators=(",", ":")), ex=int(TIMEOUT))
+        await client.set(key, encode_data(DATA), ex=int(TIMEOUT))
 
     rate = await throughput(tasks, duration, op)
     await ctx.redis.delete(keys)
