@@ -126,9 +126,12 @@ def _flat(data: Mapping[str, Any]) -> bool:
     Such a dict is its own JSON form: a copy of it is what parsing its JSON text would
     give, at a fifth of the cost.
     """
-    return type(data) is dict and all(
-        type(k) is str and type(v) in _SCALARS for k, v in data.items()
-    )
+    if type(data) is not dict:
+        return False
+    for k, v in data.items():  # a loop, not all(<generator>): half the cost per create
+        if type(k) is not str or type(v) not in _SCALARS:
+            return False
+    return True
 
 
 def _valid_id(session_id: object) -> bool:
