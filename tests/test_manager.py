@@ -447,6 +447,20 @@ async def test_limit_holds_under_concurrent_creates(make_manager: ManagerFactory
         assert (len(ok), len(refused)) == (10, 30)
 
 
+async def test_limit_holds_for_generated_and_explicit_ids_in_one_batch(
+    make_manager: ManagerFactory,
+) -> None:
+    """Generated and explicit ids are written by two handlers in one transaction."""
+    async with make_manager(max_concurrent_sessions=10) as m:
+        calls = [m.ensure() if i % 2 else m.ensure(f"explicit-{i}") for i in range(40)]
+        results = await asyncio.gather(*calls, return_exceptions=True)
+        ok = {r.session_id for r in results if isinstance(r, Session)}
+        refused = [r for r in results if isinstance(r, SessionLimitError)]
+        assert (len(ok), len(refused)) == (10, 30)
+        assert set(await m.list_ids()) == ok
+        assert m.counters["created"] == 10
+
+
 async def test_can_create_after_cleanup_frees_room(
     make_manager: ManagerFactory, clock: ManualClock
 ) -> None:
