@@ -128,7 +128,7 @@ def _flat(data: Mapping[str, Any]) -> bool:
     """
     if type(data) is not dict:
         return False
-    for k, v in data.items():  # a loop, not all(<generator>): half the cost per create
+    for k, v in data.items():  # noqa: SIM110 - a loop, not all(<generator>): half the cost
         if type(k) is not str or type(v) not in _SCALARS:
             return False
     return True
@@ -863,7 +863,7 @@ class SessionManager:
         except (TypeError, ValueError, RecursionError) as exc:
             raise InvalidDataError(f"session data is not JSON-serialisable: {exc}") from exc
         try:
-            size = len(text.encode("utf-8"))
+            size = len(text) if text.isascii() else len(text.encode("utf-8"))
         except UnicodeEncodeError as exc:
             raise InvalidDataError("session data has a string that is not valid Unicode") from exc
         if size > self.settings.max_data_bytes:

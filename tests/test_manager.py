@@ -600,6 +600,20 @@ async def test_set_data_counts_as_activity(manager: SessionManager, clock: Manua
     assert await manager.get("busy") is not None
 
 
+async def test_data_limit_counts_utf8_bytes_not_characters(make_manager: ManagerFactory) -> None:
+    async with make_manager(max_data_bytes=100) as m:
+        # {"k":"..."} is 8 bytes of JSON around the value.
+        fits_ascii, fits_utf8 = {"k": "x" * 92}, {"k": "é" * 46}  # 100 bytes each
+        over_utf8 = {"k": "é" * 47}  # 49 characters in all, but 102 bytes
+        assert (await m.ensure(data=fits_ascii)).data == fits_ascii
+        assert (await m.ensure(data=fits_utf8)).data == fits_utf8
+        with pytest.raises(DataTooLargeError, match="102"):
+            await m.ensure(data=over_utf8)
+        with pytest.raises(DataTooLargeError, match="101"):
+            await m.ensure(data={"k": "x" * 93})
+        assert len(await m.list_ids()) == 2
+
+
 async def test_set_data_rejects_missing_oversized_and_unencodable(
     make_manager: ManagerFactory,
 ) -> None:
