@@ -52,11 +52,12 @@ def _prefix_of(ms: int) -> tuple[int, str]:
     """The 8 characters of millisecond ``ms``, kept for the next id of the same one."""
     global _prefix
     clamped = 0 if ms < 0 else min(ms, _MAX_MS)
-    _prefix = (ms, _encode(clamped.to_bytes(6, "big")))  # one tuple: replaced whole
-    return _prefix
+    prefix = (ms, _encode(clamped.to_bytes(6, "big")))
+    _prefix = prefix  # one tuple: replaced whole
+    return prefix  # not the global: another thread may have replaced it already
 
 
-_prefix: tuple[int, str] = (-1, "")
+_prefix: tuple[int | None, str] = (None, "")  # no millisecond matches None
 
 # Random parts are read from os.urandom 4 KiB at a time (one system call per 341 ids
 # instead of one per id), encoded at once (12 bytes are 16 characters, so the encoding

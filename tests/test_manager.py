@@ -65,6 +65,17 @@ def test_new_ids_sort_by_creation_time() -> None:
     assert len({i[:8] for i in same_ms}) == 1
 
 
+def test_first_id_of_a_process_is_whole_whatever_its_time() -> None:
+    """The per-millisecond prefix cache starts empty, not at some millisecond."""
+    code = "from sessionstore import new_session_id; print(new_session_id(-0.001))"
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    )
+    made = done.stdout.strip()
+    assert len(made) == 24, made
+    assert made.startswith("00000000"), made  # clamped to 0
+
+
 _FORK_IDS = """
 import json, os
 from sessionstore import new_session_id
@@ -447,18 +458,53 @@ async def test_limit_holds_under_concurrent_creates(make_manager: ManagerFactory
         assert (len(ok), len(refused)) == (10, 30)
 
 
-async def test_limit_holds_for_generated_and_explicit_ids_in_one_batch(
-    make_manager: ManagerFactory,
+async def test_limit_holds_for_generated_and_explicit_ids_in_one_transaction(
+    make_manager: ManagerFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Generated and explicit ids are written by two handlers in one transaction."""
+    """Generated and explicit ids are inserted by two handlers, each counting live rows."""
+    from sqlalchemy import Connection
+
+    from sessionstore.store import SessionStore
+
+    handlers: list[list[str]] = []  # the handlers that ran, per transaction
+
+    def recording(name: str) -> Any:
+        method = getattr(SessionStore, name)
+
+        def recorded(conn: Connection, *args: Any, **kwargs: Any) -> Any:
+            handlers[-1].append(name)
+            return method(conn, *args, **kwargs)
+
+        return recorded
+
+    for name in ("insert_new", "create_many"):
+        monkeypatch.setattr(SessionStore, name, recording(name))
     async with make_manager(max_concurrent_sessions=10) as m:
+        writer_free = asyncio.Event()
+        write = m.store.write
+
+        async def held(work: Any, **kwargs: Any) -> Any:
+            handlers.append([])
+            await writer_free.wait()  # everything below queues up behind this one
+            return await write(work, **kwargs)
+
+        monkeypatch.setattr(m.store, "write", held)
+        first = asyncio.create_task(m.ensure())
+        while not handlers:
+            await asyncio.sleep(0)
         calls = [m.ensure() if i % 2 else m.ensure(f"explicit-{i}") for i in range(40)]
-        results = await asyncio.gather(*calls, return_exceptions=True)
-        ok = {r.session_id for r in results if isinstance(r, Session)}
-        refused = [r for r in results if isinstance(r, SessionLimitError)]
-        assert (len(ok), len(refused)) == (10, 30)
-        assert set(await m.list_ids()) == ok
+        results = asyncio.gather(*calls, return_exceptions=True)
+        # The explicit ids look for an existing row first: wait until all 40 are queued.
+        while len(m._writer._queue) < 40:  # type: ignore[union-attr]
+            await asyncio.sleep(0.001)
+        writer_free.set()
+        await first
+        ok = {r.session_id for r in await results if isinstance(r, Session)}
+        refused = [r for r in await results if isinstance(r, SessionLimitError)]
+        assert (len(ok), len(refused)) == (9, 31)
+        assert set(await m.list_ids()) == ok | {(await first).session_id}
         assert m.counters["created"] == 10
+    assert ["insert_new", "create_many"] in handlers  # both in one transaction
 
 
 async def test_can_create_after_cleanup_frees_room(
