@@ -203,10 +203,10 @@ def translate_error(exc: BaseException, label: str) -> StorageError | None:
     return None
 
 
-def _settled(task: asyncio.Future[Any]) -> None:
+def _settled(future: asyncio.Future[Any]) -> None:
     """Mark a finished statement's failure as seen: its caller may be gone."""
-    if not task.cancelled():
-        task.exception()
+    if not future.cancelled():
+        future.exception()
 
 
 def create_file_private(path: Path) -> None:
