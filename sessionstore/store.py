@@ -650,7 +650,7 @@ class SessionStore:
         on SQLite it runs whole in the writer thread, on PostgreSQL through
         ``run_sync`` on the event loop. Commits when ``work`` returns, rolls back when
         it raises; either way the connection goes back to the pool outside any
-        transaction. A cancelled caller does not interrupt it (see :meth:`_to_writer`
+        transaction. A cancelled caller does not interrupt it (see :meth:`_in_writer`
         and :meth:`_to_the_end`): the row ends old or new.
 
         ``durable=False`` returns without waiting for the commit to reach the disk
@@ -661,12 +661,7 @@ class SessionStore:
         good redone as lost, such as deleting expired rows.
         """
         if self._write_thread is not None:
-            # The thread runs it to the end whatever happens to the caller. The commit
-            # is noted as it completes, not when (or whether) the caller wakes.
-            future = self._to_writer(self._in_thread, work, durable)
-            future.add_done_callback(self._note_commit)
-            async with self.guard():
-                return await asyncio.shield(future)
+            return await self._in_writer(self._in_thread, work, durable, commits=True)
         return await self._to_the_end(self._transaction(work, durable))
 
     async def _transaction(self, work: Callable[[Connection], T], durable: bool) -> T:
@@ -722,18 +717,14 @@ class SessionStore:
             (version,) = dbapi.execute("PRAGMA data_version").fetchone()
             return dbapi, int(version)
 
-    async def _in_writer(self, work: Callable[[], T]) -> T:
-        """Run ``work`` in the SQLite writer thread, between this store's transactions."""
-        future = self._to_writer(work)
-        async with self.guard():
-            return await asyncio.shield(future)
+    async def _in_writer(self, work: Callable[..., T], *args: Any, commits: bool = False) -> T:
+        """Run ``work(*args)`` in the SQLite writer thread, between this store's transactions.
 
-    def _to_writer(self, work: Callable[..., T], *args: Any) -> asyncio.Future[T]:
-        """Hand ``work(*args)`` to the SQLite writer thread.
-
-        A future rather than a task: one hop less per transaction. Nothing that
-        happens to the caller stops the thread; :meth:`close` disposes of the
-        writer's connection in the same thread, so after whatever was handed over.
+        Awaited as the thread's own future (shielded), not through a task: one hop less
+        per transaction. Nothing that happens to the caller stops the thread; with
+        ``commits``, the commit is noted as it completes, not when (or whether) the
+        caller wakes. :meth:`close` disposes of the writer's connection in the same
+        thread, so after whatever was handed over.
         """
         write_thread = self._write_thread
         if write_thread is None:
@@ -742,7 +733,10 @@ class SessionStore:
             raise StorageError(f"{self.label}: store is closed")
         future = asyncio.get_running_loop().run_in_executor(write_thread, work, *args)
         future.add_done_callback(_settled)
-        return future
+        if commits:
+            future.add_done_callback(self._note_commit)
+        async with self.guard():
+            return await asyncio.shield(future)
 
     @contextlib.contextmanager
     def _writer_dbapi(self) -> Iterator[tuple[Connection, Any]]:
