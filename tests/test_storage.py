@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import sqlite3
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import Connection
@@ -20,6 +22,8 @@ from sessionstore import (
     SessionManager,
     StorageError,
 )
+from sessionstore.session import new_session_id
+from sessionstore.store import SessionStore
 from tests.conftest import ManagerFactory
 from tests.helpers import ManualClock, scribble_pages, wait_until
 
@@ -98,6 +102,40 @@ async def test_pragmas_are_in_force(manager: SessionManager) -> None:
         assert await pragma("synchronous") == 2  # FULL
         assert await pragma("busy_timeout") == 5000
         assert await pragma("foreign_keys") == 1
+
+
+async def test_new_rows_land_whole_in_statements_the_connection_allows(
+    manager: SessionManager, db_path: Path
+) -> None:
+    # New sessions go in as multi-row INSERTs of up to 256 rows (1,280 parameters);
+    # a connection that allows fewer (SQLite before 3.32 allowed 999) gets smaller ones.
+    def insert(max_params: int, rows: list[tuple[str, float, float, str, int]]) -> Any:
+        def work(conn: Connection) -> int:
+            dbapi = conn.connection.driver_connection
+            assert isinstance(dbapi, sqlite3.Connection)
+            before = dbapi.setlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER, max_params)
+            try:
+                return SessionStore.insert_new(conn, rows, cutoff=0.0, limit=0)
+            finally:
+                dbapi.setlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER, before)
+
+        return work
+
+    expected: list[tuple[str, float, float, str, int]] = []
+    now = manager.now()  # live rows: the manager's own cleanup leaves them alone
+    for max_params in (5, 12, 999, 32766):  # rising: the driver caches what it prepared
+        for count in (1, 3, 255, 256, 300):
+            rows = [
+                (new_session_id(), now - 0.002 * i, now - 0.001 * i, f'{{"n":{i}}}', 1)
+                for i in range(count)
+            ]
+            assert await manager.store.write(insert(max_params, rows)) == count
+            expected += rows
+    with contextlib.closing(sqlite3.connect(db_path)) as conn:
+        stored = conn.execute(
+            "SELECT session_id, created_at, last_activity, data, version FROM sessions"
+        ).fetchall()
+    assert sorted(stored) == sorted(expected)
 
 
 async def test_synchronous_normal_is_an_option(make_manager: ManagerFactory) -> None:
