@@ -1028,12 +1028,24 @@ def raw_create(path: Path, per_txn: int, duration: float) -> float:
     is the limit.
     """
     head, values, one = INSERT_SQL.partition(" VALUES ")
-    sql = head + values + ", ".join([one] * per_txn)
+    width = one.count("?")
+    with contextlib.closing(sqlite3.connect(path)) as probe:
+        # Where a statement may bind fewer parameters (999 before SQLite 3.32), two.
+        per_statement = min(per_txn, probe.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER) // width)
+
+    def sql(rows: int) -> str:
+        return head + values + ", ".join([one] * rows)
+
+    statements = [
+        (sql(min(per_statement, per_txn - start)), start * width, (start + per_statement) * width)
+        for start in range(0, per_txn, per_statement)
+    ]
 
     def write(conn: sqlite3.Connection, _n: int) -> None:
         params = [value for row in new_rows(per_txn) for value in row]
         conn.execute("BEGIN IMMEDIATE")
-        conn.execute(sql, params)
+        for text, first, end in statements:
+            conn.execute(text, params[first:end])
         conn.execute("COMMIT")
 
     return raw_rate(path, per_txn, duration, write)

@@ -430,6 +430,9 @@ class SessionStore:
             dialect = (self._write_engine or self.engine).dialect
             for name in _DRIVER_SQL:
                 _driver_sql(dialect, name)
+            if self.dialect == "sqlite":  # the multi-row INSERTs new sessions go in
+                for rows in (2**k for k in range(_INSERT_CHUNK.bit_length())):
+                    _multi_insert_sql(dialect, rows)
         except BaseException:
             await self.close()
             raise
@@ -1149,14 +1152,14 @@ def _insert_rows(conn: Connection, rows: Sequence[Sequence[Any]]) -> None:
     One statement of 256 rows instead of ``executemany`` of a one-row statement:
     the writer thread spends a quarter less CPU a row here (measured: 3.9 -> 2.8 us),
     and the driver lets go of the GIL once for the batch instead of once a row.
-    Statements of 256, 128, ..., 1 rows (the binary digits of the count) keep the
-    driver's statement cache to nine entries.
+    Full-size statements, then one for each binary digit of what is left (128, 64,
+    ..., 1 rows), keep the driver's statement cache to nine entries.
     """
     if conn.dialect.name != "sqlite":
         _executemany(conn, "insert", rows)
         return
     dbapi = cast(sqlite3.Connection, conn.connection.driver_connection)
-    per_row = len(rows[0]) if rows else 1
+    per_row = len(_DRIVER_SQL["insert"][1])
     size = _INSERT_CHUNK
     while size > 1 and size * per_row > dbapi.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER):
         size //= 2
@@ -1167,6 +1170,8 @@ def _insert_rows(conn: Connection, rows: Sequence[Sequence[Any]]) -> None:
             while size > left:
                 size //= 2
             params = [value for row in rows[start : start + size] for value in row]
+            if len(params) != size * per_row:  # flattened, a short row would shift columns
+                raise ValueError(f"an INSERT row must have {per_row} values")
             cursor.execute(_multi_insert_sql(conn.dialect, size), params)
             start += size
             left -= size

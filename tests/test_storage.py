@@ -124,13 +124,20 @@ async def test_new_rows_land_whole_in_statements_the_connection_allows(
     expected: list[tuple[str, float, float, str, int]] = []
     now = manager.now()  # live rows: the manager's own cleanup leaves them alone
     for max_params in (5, 12, 999, 32766):  # rising: the driver caches what it prepared
-        for count in (1, 3, 255, 256, 300):
+        for count in (1, 3, 255, 256, 300, 2000):
             rows = [
                 (new_session_id(), now - 0.002 * i, now - 0.001 * i, f'{{"n":{i}}}', 1)
                 for i in range(count)
             ]
             assert await manager.store.write(insert(max_params, rows)) == count
             expected += rows
+    # A statement that fails (here a repeated id in its last row) takes the whole
+    # transaction with it: none of the rows before it, in its statement or earlier
+    # ones, stays.
+    clash = [(new_session_id(), now, now, "{}", 1) for _ in range(299)]
+    clash.append(clash[0])
+    with pytest.raises(StorageError):
+        await manager.store.write(insert(32766, clash))
     with contextlib.closing(sqlite3.connect(db_path)) as conn:
         stored = conn.execute(
             "SELECT session_id, created_at, last_activity, data, version FROM sessions"
