@@ -6,6 +6,7 @@ from typing import Any
 
 from sqlalchemy import func, select
 
+import sessionstore.store as store_module
 from sessionstore import SessionManager
 from sessionstore.schema import sessions
 from sessionstore.store import SessionStore
@@ -21,15 +22,22 @@ async def _plan(manager: SessionManager, stmt: Any) -> list[str]:
 
 
 async def test_cleanup_delete_uses_last_activity_index(manager: SessionManager) -> None:
-    stmt = SessionStore.expired_chunk_statement("sqlite", cutoff=1000.0, chunk=500)
+    # SQLite's chunk DELETE: one range of the last_activity index, up to the chunk's
+    # last row in (last_activity, rowid) order.
+    stmt = SessionStore.expire_upto_statement(last_activity=1000.0, rowid=7)
     sql = str(stmt.compile(dialect=manager.store.engine.dialect))
-    assert "sessions.last_activity < ?" in sql  # the raw column, a bound parameter
+    assert "(sessions.last_activity, rowid) <= (?, ?)" in sql  # the raw column, bound
     plan = await _plan(manager, stmt)
     assert any("INDEX ix_sessions_last_activity (last_activity<?)" in step for step in plan), plan
-    # Each victim is deleted by its rowid, not looked up again by session_id.
-    assert any("INTEGER PRIMARY KEY (rowid=?)" in step for step in plan), plan
     assert not any(step.startswith("SCAN sessions") for step in plan), plan
-    assert not any("TEMP B-TREE" in step for step in plan), plan  # index order, no sort
+    assert not any("TEMP B-TREE" in step for step in plan), plan
+
+
+async def test_the_chunk_bound_is_one_primary_key_look_up(manager: SessionManager) -> None:
+    make, _order = store_module._DRIVER_SQL["expiry_of"]
+    stmt = make("sqlite")
+    plan = await _plan(manager, stmt)
+    assert any("INDEX sqlite_autoindex_sessions_1 (session_id=?)" in step for step in plan), plan
 
 
 async def test_the_rows_read_before_a_chunk_come_from_the_index_unsorted(
