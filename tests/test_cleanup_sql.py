@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import sqlite3
+from pathlib import Path
 from typing import Any
 
-from sqlalchemy import func, select
+import pytest
+from sqlalchemy import Connection, func, insert, select
 
 import sessionstore.store as store_module
 from sessionstore import SessionManager
@@ -60,3 +64,80 @@ async def test_live_count_for_the_limit_uses_the_index(manager: SessionManager) 
     stmt = select(func.count()).where(sessions.c.last_activity >= 1000.0)
     plan = await _plan(manager, stmt)
     assert any("ix_sessions_last_activity" in step for step in plan), plan
+
+
+def _rows(db_path: Path, sql: str) -> list[Any]:
+    with contextlib.closing(sqlite3.connect(db_path)) as conn:
+        return conn.execute(sql).fetchall()
+
+
+async def test_a_chunk_ends_inside_a_run_of_equal_times(
+    manager: SessionManager, db_path: Path
+) -> None:
+    # One group commit gives all its creates the same time: a chunk boundary falls
+    # inside such runs, and the chunk must be exactly its first rows in rowid order.
+    await manager.recovered()  # its own start-up cleanup has run
+    now = manager.now()
+    cutoff = now - 10  # the chunks' own; the manager's is now - 60: its rows stay live
+    times = [cutoff - 2] * 6 + [cutoff - 1] * 6 + [now] * 3
+
+    def fill(conn: Connection) -> None:
+        conn.execute(
+            insert(sessions),
+            [
+                {"session_id": f"s{i:02}", "created_at": t, "last_activity": t, "data": "{}"}
+                for i, t in enumerate(times)
+            ],
+        )
+        SessionStore.store_token(conn, "s03", "h03", now=now)
+
+    await manager.store.write(fill)
+    order = [sid for (sid,) in _rows(db_path, "SELECT session_id FROM sessions ORDER BY rowid")]
+
+    def chunk(rows: int) -> Any:
+        return lambda conn: SessionStore.delete_expired_chunk(conn, cutoff, rows, now=now)
+
+    assert await manager.store.write(chunk(4)) == order[:4]
+    assert await manager.store.write(chunk(4)) == order[4:8]  # from one time into the next
+    assert await manager.store.write(chunk(100)) == order[8:12]  # the rest, then none
+    assert await manager.store.write(chunk(100)) == []
+    assert [r[0] for r in _rows(db_path, "SELECT session_id FROM sessions")] == order[12:]
+    assert _rows(db_path, "SELECT token_hash, session_id, reason FROM session_tombstones") == [
+        ("h03", "s03", "expired")
+    ]
+
+
+async def test_a_chunk_that_deletes_other_rows_than_it_read_is_rolled_back(
+    manager: SessionManager, db_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await manager.recovered()  # its own start-up cleanup has run
+    now = manager.now()  # rows live for the manager, expired for the chunk's cutoff
+
+    def fill(conn: Connection) -> None:
+        conn.execute(
+            insert(sessions),
+            [
+                {
+                    "session_id": f"s{i}",
+                    "created_at": now - 5,
+                    "last_activity": now - 5,
+                    "data": "{}",
+                }
+                for i in range(5)
+            ],
+        )
+        SessionStore.store_token(conn, "s1", "h1", now=now)
+
+    await manager.store.write(fill)
+    real = store_module._run_driver_sql
+
+    def one_more(conn: Connection, name: str, params: Any) -> int:
+        return real(conn, name, params) + (name == "expire_upto")
+
+    monkeypatch.setattr(store_module, "_run_driver_sql", one_more)
+    with pytest.raises(RuntimeError, match="deleted 4 rows, read 3"):
+        await manager.store.write(
+            lambda conn: SessionStore.delete_expired_chunk(conn, now, 3, now=now)
+        )
+    assert len(_rows(db_path, "SELECT session_id FROM sessions")) == 5  # nothing deleted
+    assert _rows(db_path, "SELECT * FROM session_tombstones") == []
