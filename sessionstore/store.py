@@ -589,7 +589,21 @@ class SessionStore:
                 mode = (await conn.exec_driver_sql("PRAGMA journal_mode = WAL")).scalar_one()
             return mode
 
-        mode = await self.read(switch)
+        # Where another connection holds the write lock of a database not yet in WAL
+        # mode (a second process creating the same new file), SQLite refuses the
+        # switch at once instead of waiting busy_timeout: wait here, as long.
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._busy_timeout_ms / 1000
+        pause = 0.001
+        while True:
+            try:
+                mode = await self.read(switch)
+                break
+            except StorageBusyError:
+                if loop.time() >= deadline:
+                    raise
+                await asyncio.sleep(pause)
+                pause = min(2 * pause, 0.05)
         if str(mode).lower() != "wal":
             raise StorageError(f"{self.label}: could not enable WAL (journal_mode={mode})")
 
@@ -613,14 +627,17 @@ class SessionStore:
         while self._in_flight:
             await asyncio.wait(set(self._in_flight))
         engine, self._engine, self._reader = self._engine, None, None
-        write_engine, self._write_engine = self._write_engine, None
+        write_engine = self._write_engine
         write_thread, self._write_thread = self._write_thread, None
         if write_thread is not None:
             if write_engine is not None:  # its connection belongs to the thread
+                # After whatever was handed to the thread before (a cancelled caller's
+                # write still runs), which still finds the engine.
                 await asyncio.get_running_loop().run_in_executor(
                     write_thread, self._dispose_writer, write_engine
                 )
             write_thread.shutdown()
+        self._write_engine = None
         if engine is not None:
             await engine.dispose()
 
@@ -698,6 +715,35 @@ class SessionStore:
             self._committed.set()
 
     def _in_thread(self, work: Callable[[Connection], T], durable: bool = True) -> T:
+        try:
+            return self._transaction_in_thread(work, durable)
+        except BaseException:
+            self._reset_writer()
+            raise
+
+    def _reset_writer(self) -> None:
+        """After a failed transaction: none left open, and a new Connection next time.
+
+        A COMMIT that SQLite refuses (a deferred constraint, a busy or full disk) can
+        leave its transaction open on the driver connection, and SQLAlchemy then sends
+        no ROLLBACK: every later ``BEGIN IMMEDIATE`` failed. The held Connection object
+        is dropped too, whatever state the failure left it in.
+        """
+        conn, self._write_conn = self._write_conn, None
+        if conn is None:
+            return
+        try:
+            if not conn.invalidated:
+                dbapi = conn.connection.dbapi_connection
+                if dbapi is not None and dbapi.in_transaction:
+                    dbapi.rollback()
+        except sqlite3.Error:
+            log.exception("%s: rolling back a failed write failed; reconnecting", self.label)
+            conn.invalidate()
+        finally:
+            conn.close()
+
+    def _transaction_in_thread(self, work: Callable[[Connection], T], durable: bool) -> T:
         if durable or self._synchronous == "NORMAL":
             with self._writer_dbapi() as (conn, _dbapi), conn.begin():
                 return work(conn)

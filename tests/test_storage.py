@@ -256,6 +256,112 @@ async def test_a_connection_that_cannot_be_made_durable_again_is_replaced(
     assert connection is not before[0]
 
 
+async def test_a_commit_that_fails_leaves_no_transaction_open(
+    manager: SessionManager, db_path: Path
+) -> None:
+    # A COMMIT that SQLite refuses (here a deferred foreign key) leaves the transaction
+    # open on the connection; the writer's next transaction must not find it there.
+    def refused_at_commit(conn: Connection) -> None:
+        conn.exec_driver_sql("CREATE TEMP TABLE parent (id INTEGER PRIMARY KEY)")
+        conn.exec_driver_sql(
+            "CREATE TEMP TABLE child (p INTEGER REFERENCES parent (id) "
+            "DEFERRABLE INITIALLY DEFERRED)"
+        )
+        conn.exec_driver_sql("INSERT INTO child VALUES (1)")
+        conn.exec_driver_sql(
+            "INSERT INTO sessions (session_id, created_at, last_activity) "
+            "VALUES ('lost', 1e12, 1e12)"
+        )
+
+    with pytest.raises(StorageError, match="FOREIGN KEY"):
+        await manager.store.write(refused_at_commit)
+    kept = await manager.ensure("kept")  # the next transaction begins and commits
+    assert kept.session_id == "kept"
+    with contextlib.closing(sqlite3.connect(db_path)) as conn:
+        ids = {sid for (sid,) in conn.execute("SELECT session_id FROM sessions")}
+    assert "kept" in ids
+    assert "lost" not in ids
+
+
+async def test_a_write_refused_by_another_writer_s_lock_does_not_break_the_next(
+    make_manager: ManagerFactory, db_path: Path
+) -> None:
+    async with make_manager(busy_timeout_ms=50) as m:
+        blocker = sqlite3.connect(db_path, isolation_level=None)
+        try:
+            blocker.execute("BEGIN IMMEDIATE")  # another process holds the write lock
+            with pytest.raises(StorageError, match="locked"):
+                await m.ensure("refused")
+        finally:
+            blocker.execute("ROLLBACK")
+            blocker.close()
+        assert (await m.ensure("after")).session_id == "after"
+        assert await m.get("refused") is None
+
+
+async def test_a_write_handed_to_the_thread_before_close_still_commits(
+    make_manager: ManagerFactory, db_path: Path
+) -> None:
+    # A cancelled caller does not stop its write (the row ends old or new, never half);
+    # closing the store right then must not make that write fail for want of an engine.
+    async with make_manager() as m:
+        store = m.store
+        started, release = threading.Event(), threading.Event()
+
+        def held(conn: Connection) -> None:
+            started.set()
+            release.wait(10)
+
+        def late(conn: Connection) -> None:
+            conn.exec_driver_sql(
+                "INSERT INTO sessions (session_id, created_at, last_activity) "
+                "VALUES ('late', 1e12, 1e12)"
+            )
+
+        async def holding() -> bool:
+            return started.is_set()
+
+        async def tearing_down() -> bool:  # past the point where it waits for nothing
+            return store._write_thread is None
+
+        first = asyncio.create_task(store.write(held))
+        await wait_until(holding)
+        second = asyncio.create_task(store.write(late))
+        await asyncio.sleep(0)  # its first step hands the work to the thread
+        second.cancel()
+        closing = asyncio.create_task(store.close())
+        await wait_until(tearing_down)
+        release.set()
+        await first
+        await closing
+        with pytest.raises(asyncio.CancelledError):
+            await second
+    with contextlib.closing(sqlite3.connect(db_path)) as conn:
+        assert conn.execute(
+            "SELECT count(*) FROM sessions WHERE session_id = 'late'"
+        ).fetchone() == (1,)
+
+
+async def test_a_new_file_another_process_is_writing_to_still_opens(
+    make_manager: ManagerFactory, db_path: Path
+) -> None:
+    # Two processes creating the same new database: while one holds the write lock of
+    # the file (not yet in WAL mode), SQLite refuses the other's switch to WAL at once,
+    # without waiting busy_timeout. Seen as "database is locked" at start-up.
+    blocker = sqlite3.connect(db_path, isolation_level=None)
+    try:
+        blocker.execute("BEGIN IMMEDIATE")  # the other process, mid-transaction
+        loop = asyncio.get_running_loop()
+        loop.call_later(0.2, blocker.execute, "ROLLBACK")  # ... which then finishes
+        async with make_manager() as m:
+            assert (await m.ensure("s")).session_id == "s"
+            async with m.store.reader.connect() as conn:
+                mode = (await conn.exec_driver_sql("PRAGMA journal_mode")).scalar_one()
+            assert mode == "wal"
+    finally:
+        blocker.close()
+
+
 async def test_a_driver_error_without_a_known_name_is_still_a_storage_error(
     manager: SessionManager, db_path: Path, clock: ManualClock
 ) -> None:
