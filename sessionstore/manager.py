@@ -139,6 +139,10 @@ def _valid_id(session_id: object) -> bool:
     return isinstance(session_id, str) and session_id != "" and session_id.isprintable()
 
 
+#: Activity stamps further ahead of a cleanup's clock than this (plus the lock wait)
+#: are taken for a clock that jumped back, and pulled back to it.
+_CLOCK_JUMP_SECS = 60.0
+
 #: The largest adaptive cleanup chunk (rows).
 _CHUNK_ROWS_MAX = 100_000
 
@@ -557,7 +561,10 @@ class SessionManager:
     async def cleanup_stale_sessions(self, *, progress: Callable[[int], None] | None = None) -> int:
         """Delete every expired session (in chunks); returns how many were deleted.
 
-        Each chunk is its own short transaction, so the write lock is never held for
+        A row is deleted once it has looked expired for longer than
+        ``flush_interval_secs``: another process on the database may hold activity
+        for it that it has not written yet. (It is absent from the first moment all
+        the same.) Each chunk is its own short transaction, so the write lock is never held for
         long. The first chunk has ``cleanup_chunk_rows`` rows; later ones are sized
         from the rows per second of the one before to take about
         ``cleanup_chunk_secs`` (rows that lie together in the file delete many times
@@ -981,13 +988,22 @@ class SessionManager:
         # The time cleanup_stale_sessions() was called, whether this is its first
         # chunk, and the chunk's size.
         now, first, rows = args[0]
+        settings = self.settings
         if first:
-            clamped = SessionStore.clamp_future(conn, now)
+            # Stamps up to a minute (and a lock wait) ahead are other processes' commits
+            # made since ``now`` was read, not a clock that jumped back.
+            ahead = _CLOCK_JUMP_SECS + settings.busy_timeout_ms / 1000
+            clamped = SessionStore.clamp_future(conn, now, beyond=ahead)
             if clamped:
                 log.warning(
                     "clock moved backwards: %d sessions had activity in the future", len(clamped)
                 )
-        deleted = SessionStore.delete_expired_chunk(conn, self._cutoff(now), rows, now=now)
+        # Another process sharing the database writes its sessions' activity up to one
+        # flush interval late: a row that has looked expired for less than that may
+        # belong to a session in use there. It is absent all the same (the predicate
+        # decides); only its deletion waits for a later pass.
+        cutoff = self._cutoff(now) - settings.flush_interval_secs
+        deleted = SessionStore.delete_expired_chunk(conn, cutoff, rows, now=now)
         if len(deleted) < rows:
             SessionStore.purge_tombstones(conn, now - self.settings.tombstone_retention_secs)
         return [deleted]

@@ -1121,13 +1121,13 @@ class SessionStore:
         return int(result.rowcount or 0)
 
     @staticmethod
-    def clamp_future(conn: Connection, now: float) -> list[str]:
-        """Pull ``last_activity`` values from the future back to ``now``.
+    def clamp_future(conn: Connection, now: float, *, beyond: float = 0.0) -> list[str]:
+        """Pull ``last_activity`` values more than ``beyond`` seconds ahead back to ``now``.
 
         After the clock jumps backwards, such sessions would otherwise look idle for
         0 seconds until the clock caught up: immortal for as long as the jump.
         """
-        return [sid for (sid,) in _fetch_driver_sql(conn, "clamp", (now, now))]
+        return [sid for (sid,) in _fetch_driver_sql(conn, "clamp", (now, now + beyond))]
 
     @staticmethod
     def fetch_for_update(conn: Connection, session_id: str) -> SessionRow | None:

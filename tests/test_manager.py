@@ -231,7 +231,7 @@ async def test_cleanup_in_chunks_deletes_everything(
         cleanup_chunk_secs=0,  # fixed chunks
     ) as m:
         await asyncio.gather(*(m.ensure() for _ in range(50)))
-        clock.advance(61)
+        clock.advance(62)  # past the timeout and cleanup's grace (a flush interval)
         chunks: list[int] = []
         assert await m.cleanup_stale_sessions(progress=chunks.append) == 50
         assert chunks == [7, 7, 7, 7, 7, 7, 7, 1]
@@ -311,17 +311,18 @@ async def test_cleanup_does_not_wait_for_the_disk_other_writes_do(
         ("touch", "touch_many"),
     ]:
         monkeypatch.setattr(SessionStore, name, watching(kind, getattr(SessionStore, name)))
+    flush_interval = 1e-9 if touches_due else 3600
     async with make_manager(
         session_timeout_secs=60,
         cleanup_chunk_rows=2,
         cleanup_chunk_secs=0,
-        flush_interval_secs=1e-9 if touches_due else 3600,
+        flush_interval_secs=flush_interval,
     ) as m:
         await asyncio.gather(*(m.ensure() for _ in range(5)))
+        clock.advance(61 + flush_interval)  # past the timeout and cleanup's grace
         kept = await m.ensure("kept")
-        clock.advance(59)
+        clock.advance(1)
         assert await m.update_activity(kept.session_id)  # pending when cleanup starts
-        clock.advance(2)
         seen.clear()
 
         touches: list[asyncio.Task[bool]] = []
@@ -356,7 +357,7 @@ async def test_cleanup_chunks_are_sized_by_time(
         cleanup_chunk_secs=chunk_secs,
     ) as m:
         await asyncio.gather(*(m.ensure() for _ in range(50)))
-        clock.advance(61)
+        clock.advance(62)  # past the timeout and cleanup's grace (a flush interval)
         chunks: list[int] = []
         assert await m.cleanup_stale_sessions(progress=chunks.append) == 50
         assert chunks == expected
@@ -379,7 +380,7 @@ async def test_periodic_cleanup_task_runs_every_interval(
 ) -> None:
     async with make_manager(session_timeout_secs=60, cleanup_interval_secs=0.01) as m:
         session = await m.ensure()
-        clock.advance(61)
+        clock.advance(62)  # past the timeout and cleanup's grace (a flush interval)
         # The task runs on the event loop's own timer; the clock decides expiry.
 
         async def deleted() -> bool:
@@ -398,7 +399,7 @@ async def test_removal_listener_hears_cleanup_and_remove(
     await manager.ensure("a")
     await manager.ensure("b")
     await manager.remove("a")
-    clock.advance(61)
+    clock.advance(62)  # past the timeout and cleanup's grace (a flush interval)
     await manager.cleanup_stale_sessions()
     assert heard == [("a", "removed"), ("b", "expired")]
 
@@ -420,7 +421,7 @@ async def test_a_failing_listener_neither_fails_the_removal_nor_stops_the_writer
     await manager.ensure("a")
     await manager.ensure("b")
     assert await manager.remove("a") is True
-    clock.advance(61)
+    clock.advance(62)  # past the timeout and cleanup's grace (a flush interval)
     assert await manager.cleanup_stale_sessions() == 1
     assert heard == ["a", "b"]  # the listeners after the failing ones still heard
     assert (await manager.ensure("c")).session_id == "c"  # the writer goes on
@@ -514,7 +515,7 @@ async def test_can_create_after_cleanup_frees_room(
         await m.ensure()
         with pytest.raises(SessionLimitError):
             await m.ensure()
-        clock.advance(61)
+        clock.advance(62)  # past the timeout and cleanup's grace (a flush interval)
         # Expired sessions no longer count, even before cleanup deletes them.
         await m.ensure()
         assert await m.cleanup_stale_sessions() == 1

@@ -49,10 +49,45 @@ async def test_cleanup_by_both_at_once_deletes_each_row_once(
         make_manager(max_concurrent_sessions=0, cleanup_chunk_rows=50) as b,
     ):
         await asyncio.gather(*(a.ensure() for _ in range(400)))
-        clock.advance(3601)
+        clock.advance(3602)  # past the timeout and cleanup's grace (a flush interval)
         counts = await asyncio.gather(a.cleanup_stale_sessions(), b.cleanup_stale_sessions())
         assert sum(counts) == 400
         assert (await a.get_session_metrics())["total_sessions"] == 0
+
+
+async def test_activity_not_yet_written_by_one_protects_from_the_others_cleanup(
+    make_manager: ManagerFactory, clock: ManualClock
+) -> None:
+    # A writes a touch up to a flush interval late. Meanwhile B sees the stored time
+    # and the session as expired (documented), but its cleanup must not delete it.
+    async with (
+        make_manager(session_timeout_secs=60) as a,
+        make_manager(session_timeout_secs=60) as b,
+    ):
+        await a.ensure("in-use-on-a")
+        clock.advance(59.5)
+        assert await a.update_activity("in-use-on-a")  # in A's memory only, for now
+        clock.advance(0.7)  # 60.2 s after the stored activity, 0.7 s after the real one
+        assert await b.get("in-use-on-a") is None
+        assert await b.cleanup_stale_sessions() == 0
+        await a.list_ids()  # writes A's pending activity (as its flush timer would)
+        assert await b.get("in-use-on-a") is not None
+        assert (await a.set_data("in-use-on-a", {"kept": True})).data == {"kept": True}
+
+
+async def test_another_process_s_newer_stamps_are_no_clock_jump(
+    make_manager: ManagerFactory, clock: ManualClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    # B read its clock a little after A did (or holds a lock A waits for): its stamps
+    # are ahead of A's cleanup. That is not the clock jumping back.
+    later = ManualClock(clock.now + 2)
+    async with make_manager() as a, make_manager(clock=later) as b:
+        await b.ensure("newer")
+        assert await a.cleanup_stale_sessions() == 0
+        row = await a.store.fetch("newer")
+        assert row is not None
+        assert row.last_activity == later.now  # not pulled back to A's clock
+    assert "clock moved backwards" not in caplog.text
 
 
 async def test_activity_flushed_by_one_protects_from_the_others_cleanup(
