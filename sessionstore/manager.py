@@ -564,7 +564,9 @@ class SessionManager:
         A row is deleted once it has looked expired for longer than
         ``flush_interval_secs``: another process on the database may hold activity
         for it that it has not written yet. (It is absent from the first moment all
-        the same.) Each chunk is its own short transaction, so the write lock is never held for
+        the same.)
+
+        Each chunk is its own short transaction, so the write lock is never held for
         long. The first chunk has ``cleanup_chunk_rows`` rows; later ones are sized
         from the rows per second of the one before to take about
         ``cleanup_chunk_secs`` (rows that lie together in the file delete many times
@@ -1005,7 +1007,7 @@ class SessionManager:
         cutoff = self._cutoff(now) - settings.flush_interval_secs
         deleted = SessionStore.delete_expired_chunk(conn, cutoff, rows, now=now)
         if len(deleted) < rows:
-            SessionStore.purge_tombstones(conn, now - self.settings.tombstone_retention_secs)
+            SessionStore.purge_tombstones(conn, now - settings.tombstone_retention_secs)
         return [deleted]
 
     async def _refresh_loop(self) -> None:

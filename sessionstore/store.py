@@ -53,6 +53,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.engine import Dialect, make_url
+from sqlalchemy.engine.interfaces import DBAPICursor
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
@@ -1228,13 +1229,15 @@ def _executemany(conn: Connection, name: str, rows: Sequence[Sequence[Any]]) -> 
     if conn.dialect.name != "sqlite":
         conn.exec_driver_sql(sql, list(rows))
         return
-    # The driver's own cursor: SQLAlchemy's execution context costs 5% of an insert
-    # of 256 new sessions (measured per row: 4.5 us through it, 4.3 us without).
-    cursor = conn.connection.cursor()
-    try:
+    # The driver's own cursor: SQLAlchemy's execution context cost 5% of a batch
+    # (measured on an insert of 256 rows: 4.5 us a row through it, 4.3 us without).
+    with _driver_cursor(conn) as cursor:
         cursor.executemany(sql, rows)
-    finally:
-        cursor.close()
+
+
+def _driver_cursor(conn: Connection) -> contextlib.closing[DBAPICursor]:
+    """SQLite: a cursor of the driver connection itself, closed after use."""
+    return contextlib.closing(conn.connection.cursor())
 
 
 #: Rows in the largest multi-row INSERT; fewer where the connection allows fewer
@@ -1259,9 +1262,8 @@ def _insert_rows(conn: Connection, rows: Sequence[Sequence[Any]]) -> None:
     size = _INSERT_CHUNK
     while size > 1 and size * per_row > dbapi.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER):
         size //= 2
-    cursor = dbapi.cursor()
-    try:
-        start, left = 0, len(rows)
+    start, left = 0, len(rows)
+    with _driver_cursor(conn) as cursor:
         while left:
             while size > left:
                 size //= 2
@@ -1271,8 +1273,6 @@ def _insert_rows(conn: Connection, rows: Sequence[Sequence[Any]]) -> None:
             cursor.execute(_multi_insert_sql(conn.dialect, size), params)
             start += size
             left -= size
-    finally:
-        cursor.close()
 
 
 def _multi_insert_sql(dialect: Dialect, rows: int) -> str:
@@ -1296,22 +1296,16 @@ def _fetch_driver_sql(conn: Connection, name: str, params: Sequence[Any]) -> Seq
     sql = _driver_sql(conn.dialect, name)
     if conn.dialect.name != "sqlite":
         return conn.exec_driver_sql(sql, tuple(params)).fetchall()
-    cursor = conn.connection.cursor()
-    try:
+    with _driver_cursor(conn) as cursor:
         cursor.execute(sql, tuple(params))
         return cursor.fetchall()
-    finally:
-        cursor.close()
 
 
 def _run_driver_sql(conn: Connection, name: str, params: Sequence[Any]) -> int:
     """SQLite: run statement ``name`` (no rows) on the driver's cursor; the rows it changed."""
-    cursor = conn.connection.cursor()
-    try:
+    with _driver_cursor(conn) as cursor:
         cursor.execute(_driver_sql(conn.dialect, name), tuple(params))
         return int(cursor.rowcount)
-    finally:
-        cursor.close()
 
 
 def _not_serializable(value: Any) -> Any:
