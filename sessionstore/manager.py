@@ -469,7 +469,9 @@ class SessionManager:
             DataTooLargeError, InvalidDataError: ``data`` is unusable.
             StorageError: the write failed; nothing was created.
         """
-        writer = self._running_writer()
+        writer = self._writer
+        if writer is None or self._state != "running":
+            writer = self._running_writer()  # raises
         now = self._clock()
         if session_id is not None:
             if not _valid_id(session_id):
@@ -477,13 +479,14 @@ class SessionManager:
             live = await self._live_entry(session_id)
             if live is not None:
                 return self._snapshot(session_id, live)
-        if data:
-            flat = _flat(data)
-            text = self._encode(data, keys_checked=flat)
-            # Copied now: the caller may change ``data`` while the write is in flight.
-            returned: dict[str, Any] = dict(data) if flat else loads(text)
-        else:
+        if not data:
             text, returned = "{}", {}
+        elif _flat(data):
+            # Copied now: the caller may change ``data`` while the write is in flight.
+            text, returned = self._encode(data, keys_checked=True), dict(data)
+        else:
+            text = self._encode(data)
+            returned = loads(text)
         if session_id is None:
             # A generated id is new: no row to look for, the row itself is the request.
             new_id = new_session_id()
@@ -895,8 +898,8 @@ class SessionManager:
 
     def _on_new(self, row: NewRow, created: bool) -> bool:
         """A session with a generated id: True when created, False when refused."""
-        if created:
-            self._cache[row[0]] = _pack(row[1], row[1], 1, row[3])
+        if created:  # _pack, written out: this runs once for every create
+            self._cache[row[0]] = _HEAD.pack(row[1], row[1], 1) + row[3].encode()
             self.counters["created"] += 1
         return created
 

@@ -1317,17 +1317,14 @@ def _not_serializable(value: Any) -> Any:
 # circular-reference bookkeeping (a shared memo would not be thread-safe; a cycle
 # ends in RecursionError instead, which callers treat like any unencodable value).
 _C_ENCODER: Any = getattr(json.encoder, "c_make_encoder", None)
-_ENCODE: Callable[[Any], str]
-if _C_ENCODER is not None:
-    _encode_chunks = _C_ENCODER(
+_encode_chunks: Any = (
+    _C_ENCODER(
         None, _not_serializable, json.encoder.encode_basestring, None, ":", ",", False, False, False
     )
-
-    def _ENCODE(data: Any) -> str:
-        return "".join(_encode_chunks(data, 0))
-
-else:  # pragma: no cover - Pythons without the C accelerator
-    _ENCODE = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode
+    if _C_ENCODER is not None
+    else None  # pragma: no cover - Pythons without the C accelerator
+)
+_PY_ENCODE = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode
 
 
 def dumps(data: Any) -> str:
@@ -1338,7 +1335,9 @@ def dumps(data: Any) -> str:
         ValueError: NaN or an infinity.
         RecursionError: a circular or absurdly deep structure.
     """
-    return _ENCODE(data)
+    if _encode_chunks is not None:  # every create comes here: no call in between
+        return "".join(_encode_chunks(data, 0))
+    return _PY_ENCODE(data)  # pragma: no cover - Pythons without the C accelerator
 
 
 _DECODER = json.JSONDecoder()

@@ -508,6 +508,60 @@ async def test_limit_holds_for_generated_and_explicit_ids_in_one_transaction(
     assert ["insert_new", "create_many"] in handlers  # both in one transaction
 
 
+async def test_writes_queued_together_share_a_transaction_and_exclusive_ones_stand_alone(
+    manager: SessionManager, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The writer's batching: what is queued shares one transaction, up to ``max_batch``;
+    an exclusive kind (a cleanup chunk) gets one to itself; a request whose caller gave
+    up first is skipped."""
+    from sqlalchemy import Connection
+
+    from sessionstore.writer import GroupCommitWriter
+
+    transactions: list[list[str]] = []
+
+    def record(_conn: Connection, args: list[Any], _now: float) -> list[Any]:
+        transactions[-1].extend(args)
+        return list(args)
+
+    store = manager.store
+    write, passing = store.write, asyncio.Event()
+
+    async def held(work: Any, **kwargs: Any) -> Any:
+        transactions.append([])
+        await passing.wait()
+        return await write(work, **kwargs)
+
+    monkeypatch.setattr(store, "write", held)
+    writer = GroupCommitWriter(
+        store, {"plain": record, "chunk": record}, exclusive=["chunk"], max_batch=3
+    )
+    writer.start()
+
+    async def behind_a_held_write(*requests: tuple[str, str], cancel: str = "") -> list[str]:
+        """Queue ``requests`` while a first write waits; their results, and theirs only."""
+        transactions.clear()
+        passing.clear()
+        first = writer.submit("plain", "first")
+        while not transactions:
+            await asyncio.sleep(0)
+        futures = [writer.submit(kind, arg) for kind, arg in requests]
+        for future, (_kind, arg) in zip(futures, requests, strict=True):
+            if arg == cancel:
+                future.cancel()
+        passing.set()
+        await first
+        return [await f for f in futures if not f.cancelled()]
+
+    requests = [("plain", "p1"), ("chunk", "c1"), ("chunk", "c2"), ("plain", "p2")]
+    assert await behind_a_held_write(*requests) == ["p1", "c1", "c2", "p2"]
+    assert transactions == [["first"], ["p1"], ["c1"], ["c2"], ["p2"]]
+    requests = [("chunk", "gone"), *(("plain", f"q{i}") for i in range(4))]
+    assert await behind_a_held_write(*requests, cancel="gone") == ["q0", "q1", "q2", "q3"]
+    assert transactions == [["first"], ["q0", "q1", "q2"], ["q3"]]
+    await writer.aclose()
+
+
 async def test_can_create_after_cleanup_frees_room(
     make_manager: ManagerFactory, clock: ManualClock
 ) -> None:
