@@ -86,7 +86,7 @@ class Settings:
             "max_concurrent_sessions": "means no limit",
             "startup_check_max_bytes": "disables the check",
             "refresh_interval_secs": "disables it",
-            "checkpoint_interval_secs": "means SQLite checkpoints inside commits",
+            "checkpoint_interval_secs": "means only SQLite's own checkpoints inside commits",
             "cleanup_chunk_secs": "keeps every chunk at cleanup_chunk_rows",
             "busy_timeout_ms": "means no waiting",
         }

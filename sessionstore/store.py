@@ -225,6 +225,15 @@ def create_file_private(path: Path) -> None:
 
 
 _WAL_SIZE_LIMIT = 64 * 1024 * 1024
+
+# SQLite's default, set explicitly: the commit that takes the WAL past this many pages
+# checkpoints it. Under heavy writes this bounds the WAL, and every stall it causes is
+# the copy and fsync of about 4 MB (10-20 ms measured). Left to the background
+# checkpoint alone, the database file's fsync came once a second, after a second's
+# worth of copied pages: 50-130 ms with the write lock held (measured during a
+# 500k-row cleanup; a PASSIVE checkpoint syncs the file only when no commit lands
+# while it copies, so under writes that never pause it does not).
+_AUTOCHECKPOINT_PAGES = 1000
 #: WAL pages beyond which the background checkpointer makes the WAL start over...
 _RESTART_PAGES = 16_000
 #: ...once no more than this many are left to copy while it holds the write lock...
@@ -242,7 +251,6 @@ def make_engine(
     synchronous: str = "FULL",
     busy_timeout_ms: int = 5000,
     pool_size: int = 4,
-    autocheckpoint: bool = True,
 ) -> AsyncEngine:
     """The async engine (reads everywhere; writes on PostgreSQL).
 
@@ -257,12 +265,12 @@ def make_engine(
     engine = create_async_engine(
         url, pool_size=pool_size, max_overflow=0, pool_reset_on_return=None
     )
-    _set_up_sqlite(engine.sync_engine, synchronous, busy_timeout_ms, autocheckpoint)
+    _set_up_sqlite(engine.sync_engine, synchronous, busy_timeout_ms)
     return engine
 
 
 def make_sqlite_writer_engine(
-    url: URL, *, synchronous: str = "FULL", busy_timeout_ms: int = 5000, autocheckpoint: bool = True
+    url: URL, *, synchronous: str = "FULL", busy_timeout_ms: int = 5000
 ) -> Engine:
     """A synchronous engine (stdlib ``sqlite3``) for SQLite's writer thread.
 
@@ -276,7 +284,7 @@ def make_sqlite_writer_engine(
         max_overflow=0,
         pool_reset_on_return=None,
     )
-    _set_up_sqlite(engine, synchronous, busy_timeout_ms, autocheckpoint, driver_begin=True)
+    _set_up_sqlite(engine, synchronous, busy_timeout_ms, driver_begin=True)
     return engine
 
 
@@ -284,7 +292,6 @@ def _set_up_sqlite(
     engine: Engine,
     synchronous: str,
     busy_timeout_ms: int,
-    autocheckpoint: bool,
     *,
     driver_begin: bool = False,
 ) -> None:
@@ -293,8 +300,9 @@ def _set_up_sqlite(
     The driver's own transaction handling is switched off so that transactions begin
     with our own ``BEGIN IMMEDIATE`` (writes) or not at all (reads on
     :meth:`SessionStore.reader`, which run as single autocommit statements and so can
-    never pin a WAL snapshot). Without ``autocheckpoint`` no commit checkpoints the
-    WAL itself: :meth:`SessionStore.checkpoint` has to.
+    never pin a WAL snapshot). A commit that takes the WAL past
+    ``_AUTOCHECKPOINT_PAGES`` checkpoints it (SQLite's own rule); the background
+    checkpoint (:meth:`SessionStore.checkpoint`) copies what lighter writes leave.
     """
 
     @event.listens_for(engine, "connect")
@@ -305,10 +313,9 @@ def _set_up_sqlite(
             cursor.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
             cursor.execute(f"PRAGMA synchronous = {synchronous}")
             cursor.execute("PRAGMA foreign_keys = ON")
-            if not autocheckpoint:
-                cursor.execute("PRAGMA wal_autocheckpoint = 0")
-                # A WAL that a checkpoint has emptied is cut back to this on reuse.
-                cursor.execute(f"PRAGMA journal_size_limit = {_WAL_SIZE_LIMIT}")
+            cursor.execute(f"PRAGMA wal_autocheckpoint = {_AUTOCHECKPOINT_PAGES}")
+            # A WAL that a checkpoint has emptied is cut back to this on reuse.
+            cursor.execute(f"PRAGMA journal_size_limit = {_WAL_SIZE_LIMIT}")
         finally:
             cursor.close()
 
@@ -333,9 +340,9 @@ class SessionStore:
         busy_timeout_ms: How long SQLite waits for another writer's lock.
         pool_size: Connections kept open.
         checkpoint_interval_secs: SQLite: how long after a commit a background task
-            copies the WAL into the database file (``PRAGMA wal_checkpoint(PASSIVE)``);
-            0 leaves it to SQLite, which does it inside every commit that takes the
-            WAL past 1,000 pages.
+            copies the WAL into the database file (``PRAGMA wal_checkpoint(PASSIVE)``),
+            so that light writes never pay for it; a commit that takes the WAL past
+            1,000 pages does it itself either way (SQLite's own rule). 0: only that.
     """
 
     def __init__(
@@ -416,7 +423,6 @@ class SessionStore:
             synchronous=self._synchronous,
             busy_timeout_ms=self._busy_timeout_ms,
             pool_size=self._pool_size,
-            autocheckpoint=not self._checkpoint_interval,
         )
         self._reader = self._engine.execution_options(sessionstore_autocommit=True)
         if self.dialect == "sqlite":
@@ -424,7 +430,6 @@ class SessionStore:
                 self.url,
                 synchronous=self._synchronous,
                 busy_timeout_ms=self._busy_timeout_ms,
-                autocheckpoint=not self._checkpoint_interval,
             )
             self._write_thread = ThreadPoolExecutor(1, thread_name_prefix="sessionstore-write")
         try:
@@ -497,19 +502,19 @@ class SessionStore:
             return bool(busy), int(in_wal), int(copied)
 
     async def _checkpoint_loop(self) -> None:
-        # SQLite's own autocheckpoint runs inside the commit that crosses 1,000 pages,
-        # so one writer in turn pays for copying everybody's pages (and the fsync of
-        # the database file) while holding up the next group commit. Here that work
-        # runs on another connection, and pages written by several commits within
-        # the interval are copied once.
+        # SQLite's own autocheckpoint runs inside the commit that takes the WAL past
+        # _AUTOCHECKPOINT_PAGES, so that group commit pays for copying everybody's
+        # pages and the fsync of the database file. After light writes this copies
+        # them on another connection first, and the WAL starts over at the next
+        # commit without any commit paying; heavy writes still reach the threshold.
         #
         # A PASSIVE checkpoint copies what was committed when it began; the WAL starts
-        # over only after one has copied everything, and under writes that never
-        # pause, commits keep landing while it copies: measured, the WAL grew past
-        # the size of the database. So once it holds more than _RESTART_PAGES, and a
-        # PASSIVE one has left little to copy (catching up first, if need be), a
-        # RESTART checkpoint holds the write lock for that little, and the WAL starts
-        # over. When readers keep it from finishing, the next try waits a while.
+        # over only after one has copied everything. A reader pinning an old snapshot
+        # keeps every checkpoint from finishing, and the WAL grows meanwhile. So once it
+        # holds more than _RESTART_PAGES, and a PASSIVE one has left little to copy
+        # (catching up first, if need be), a RESTART checkpoint holds the write lock
+        # for that little, and the WAL starts over. When readers keep it from
+        # finishing, the next try waits a while.
         loop = asyncio.get_running_loop()
         restart_after = 0.0
         while True:

@@ -97,6 +97,7 @@ class GroupCommitWriter:
         self._wakeup = asyncio.Event()
         self._woken = False  # mirrors the event, read by submit() without a call
         self._exclusive_queued = 0  # how many queued requests are of exclusive kinds
+        self._committing = False
         self._closing = False
         self._task: asyncio.Task[None] | None = None
         self._new_future: Callable[[], asyncio.Future[Any]] | None = None
@@ -112,6 +113,15 @@ class GroupCommitWriter:
                 # The same future, made without a Python frame in between (one per write).
                 self._new_future = functools.partial(asyncio.Future, loop=loop)
             self._task = loop.create_task(self._run(), name="sessionstore-writer")
+
+    @property
+    def busy(self) -> bool:
+        """Whether writes are queued or a transaction is committing.
+
+        Asked by a caller just woken by its own commit, it tells whether others share
+        the writer with it (cleanup makes its chunks short then).
+        """
+        return bool(self._queue) or self._committing
 
     @property
     def pending_touches(self) -> int:
@@ -186,7 +196,11 @@ class GroupCommitWriter:
             batch = self._take()
             due = self._deadline is not None and (self._closing or loop.time() >= self._deadline)
             if batch or (due and self._pending):
-                await self._commit(batch)
+                self._committing = True
+                try:
+                    await self._commit(batch)
+                finally:
+                    self._committing = False
             elif self._closing and not self._queue and not self._pending:
                 return
 

@@ -363,6 +363,43 @@ async def test_cleanup_chunks_are_sized_by_time(
         assert chunks == expected
 
 
+async def test_cleanup_chunks_are_longer_only_while_no_other_write_waits(
+    make_manager: ManagerFactory, clock: ManualClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import sessionstore.manager as manager_module
+
+    targets: list[float] = []
+
+    def recorded(rows: int, took: float, target: float, first: int) -> int:
+        targets.append(target)
+        return rows  # chunks of cleanup_chunk_rows throughout
+
+    monkeypatch.setattr(manager_module, "_next_chunk_rows", recorded)
+    async with make_manager(
+        session_timeout_secs=60,
+        max_concurrent_sessions=0,
+        cleanup_chunk_rows=10,
+        cleanup_chunk_secs=0.005,
+    ) as m:
+        await asyncio.gather(*(m.ensure() for _ in range(200)))
+        clock.advance(62)  # past the timeout and cleanup's grace (a flush interval)
+        assert await m.cleanup_stale_sessions() == 200
+        assert set(targets) == {0.020}  # alone: four times the setting (and chunks ran)
+        await asyncio.gather(*(m.ensure() for _ in range(200)))
+        clock.advance(62)
+        targets.clear()
+        cleanup = asyncio.create_task(m.cleanup_stale_sessions())
+
+        async def creating() -> None:
+            while not cleanup.done():
+                await m.ensure()
+
+        await asyncio.gather(cleanup, *(creating() for _ in range(4)))
+        assert cleanup.result() >= 200
+    # Creates queued behind each chunk: the next one aims at the setting itself.
+    assert targets.count(0.005) > len(targets) / 2, targets
+
+
 def test_next_chunk_size_aims_at_the_target_time() -> None:
     from sessionstore.manager import _next_chunk_rows as next_rows
 
