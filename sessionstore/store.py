@@ -234,7 +234,9 @@ _WAL_SIZE_LIMIT = 64 * 1024 * 1024
 # 500k-row cleanup; a PASSIVE checkpoint syncs the file only when no commit lands
 # while it copies, so under writes that never pause it does not).
 _AUTOCHECKPOINT_PAGES = 1000
-#: WAL pages beyond which the background checkpointer makes the WAL start over...
+
+#: WAL pages beyond which (a long reader having kept the commits' checkpoints from
+#: finishing) the background checkpointer makes the WAL start over...
 _RESTART_PAGES = 16_000
 #: ...once no more than this many are left to copy while it holds the write lock...
 _RESTART_LEFT_PAGES = 500
