@@ -227,8 +227,9 @@ def create_file_private(path: Path) -> None:
 _WAL_SIZE_LIMIT = 64 * 1024 * 1024
 
 # SQLite's default, set explicitly: the commit that takes the WAL past this many pages
-# checkpoints it. Under heavy writes this bounds the WAL, and every stall it causes is
-# the copy and fsync of about 4 MB (10-20 ms measured). Left to the background
+# checkpoints it. Under heavy writes this bounds the WAL, and each stall it causes is
+# the copy and fsync of about 4 MB (10-20 ms measured); once, after a long reader let
+# go of a WAL that grew meanwhile, it is the copy of all that grew. Left to the background
 # checkpoint alone, the database file's fsync came once a second, after a second's
 # worth of copied pages: 50-130 ms with the write lock held (measured during a
 # 500k-row cleanup; a PASSIVE checkpoint syncs the file only when no commit lands
@@ -467,7 +468,8 @@ class SessionStore:
         """Copy committed WAL pages into the database file (SQLite; PASSIVE).
 
         Never waits for or blocks a writer; pages that a reader still needs stay in
-        the WAL for the next time. Returns ``(pages in the WAL, pages copied)``.
+        the WAL for the next time. Returns ``(pages in the WAL, pages copied)``, or
+        ``(-1, -1)`` when another checkpoint (a commit's own) was running.
         """
         _busy, in_wal, copied = await self._checkpoint("PASSIVE")
         return in_wal, copied

@@ -596,6 +596,9 @@ async def test_writes_queued_together_share_a_transaction_and_exclusive_ones_sta
     requests = [("chunk", "gone"), *(("plain", f"q{i}") for i in range(4))]
     assert await behind_a_held_write(*requests, cancel="gone") == ["q0", "q1", "q2", "q3"]
     assert transactions == [["first"], ["q0", "q1", "q2"], ["q3"]]
+    requests = [("plain", "r0"), ("plain", "lost"), ("plain", "r1")]  # no exclusive kind
+    assert await behind_a_held_write(*requests, cancel="lost") == ["r0", "r1"]
+    assert transactions == [["first"], ["r0", "r1"]]
     await writer.aclose()
 
 
