@@ -228,11 +228,11 @@ _WAL_SIZE_LIMIT = 64 * 1024 * 1024
 
 # SQLite's default, set explicitly: the commit that takes the WAL past this many pages
 # checkpoints it. Under heavy writes this bounds the WAL, and each stall it causes is
-# the copy and fsync of about 4 MB (10-20 ms measured); once, after a long reader let
-# go of a WAL that grew meanwhile, it is the copy of all that grew. Left to the background
-# checkpoint alone, the database file's fsync came once a second, after a second's
-# worth of copied pages: 50-130 ms with the write lock held (measured during a
-# 500k-row cleanup; a PASSIVE checkpoint syncs the file only when no commit lands
+# the copy and fsync of about 4 MB (10-20 ms measured); once, after a long reader lets
+# go of a WAL that grew meanwhile, it is the copy of all that grew. Left to the
+# background checkpoint alone, the database file's fsync came once a second, after a
+# second's worth of copied pages: 50-130 ms with the write lock held (measured during
+# a 500k-row cleanup; a PASSIVE checkpoint syncs the file only when no commit lands
 # while it copies, so under writes that never pause it does not).
 _AUTOCHECKPOINT_PAGES = 1000
 
