@@ -69,6 +69,22 @@ async def test_a_cancelled_caller_does_not_cancel_the_others() -> None:
     await loader.aclose()
 
 
+async def test_a_lookup_after_a_cancelled_one_of_its_key_gets_its_answer() -> None:
+    source = _Source()
+    source.gate.clear()
+    loader: BatchLoader[int, str] = BatchLoader(source)
+    quitter = asyncio.ensure_future(loader.load(2))
+    await asyncio.sleep(0.01)  # its fetch is in flight, held at the gate
+    quitter.cancel()
+    await asyncio.sleep(0)
+    late = asyncio.ensure_future(loader.load(2))  # joins the same fetch
+    source.gate.set()
+    assert await late == "v2"
+    assert source.calls == [[2]]
+    assert quitter.cancelled()
+    await loader.aclose()
+
+
 async def test_a_failed_fetch_fails_its_batch_only() -> None:
     source = _Source()
     loader: BatchLoader[int, str] = BatchLoader(source)
