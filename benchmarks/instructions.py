@@ -1,0 +1,157 @@
+#!/usr/bin/env python
+"""Instructions per create, counted by valgrind's callgrind: figures that load does not move.
+
+On a shared machine the wall-clock rates of ``bench.py`` drift by a third within a
+minute, for every contender at once; a change worth 5% cannot be seen in them. The
+number of instructions a create costs does not drift (the same count twice, whatever
+else the machine does). This counts them for scenario 1b, creates from 256 tasks:
+sessionstore's ``ensure()`` through the public API, and raw sqlite3's batched
+transaction of ``bench.py`` (the limit), each in a process of its own under
+``valgrind --tool=callgrind``, once with the creates and once without (the start-up,
+imports and the database's creation cancel out).
+
+Run ``python benchmarks/instructions.py [--creates N] [--tasks T]``. Needs valgrind;
+takes about three minutes (callgrind runs Python some fifty times slower).
+
+Instructions are not time: a thread waiting for the GIL, a handoff between threads or
+an ``fsync`` costs time and no instructions; SQLite's own C code runs more
+instructions a second than the interpreter. So the ratio here is not the ratio of
+rates, only what the work costs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import bench
+
+from sessionstore import SessionManager
+
+CONTENDERS = ("sessionstore", "raw")
+
+
+async def _sessionstore(path: Path, creates: int, tasks: int) -> None:
+    manager = bench.make_manager(path, bench.Clock(bench.BASE))
+    await manager.start()
+    await manager.ensure(data=bench.DATA)  # the first write's one-time costs, in both runs
+    if creates:
+        await bench.fixed_work(tasks, range(creates), lambda _i: manager.ensure(data=bench.DATA))
+    await manager.aclose()
+
+
+def _raw(path: Path, creates: int, tasks: int) -> None:
+    step = bench.raw_create_step(path, tasks)
+    conn = bench.raw_connect(path)
+    try:
+        step(conn, 0)  # as above
+        for n in range(0, creates, tasks):
+            step(conn, n)
+    finally:
+        conn.close()
+
+
+def inner(contender: str, creates: int, tasks: int) -> None:
+    """The measured process: a new database, then ``creates`` creates (0: none)."""
+    with tempfile.TemporaryDirectory(prefix="ssinstr-") as root:
+        path = Path(root) / "sessions.db"
+        # Made and migrated by sessionstore itself in both contenders' processes.
+        manager = bench.make_manager(path, bench.Clock(bench.BASE), background_tasks=False)
+        asyncio.run(_start_stop(manager))
+        if contender == "sessionstore":
+            asyncio.run(_sessionstore(path, creates, tasks))
+        else:
+            _raw(path, creates, tasks)
+
+
+async def _start_stop(manager: SessionManager) -> None:
+    await manager.start()
+    await manager.aclose()
+
+
+def count(contender: str, creates: int, tasks: int, out: Path) -> list[int]:
+    """Run :func:`inner` under callgrind; instructions per thread, the main thread first."""
+    prefix = out / f"{contender}-{creates}.cg"
+    subprocess.run(
+        [
+            "valgrind",
+            "--tool=callgrind",
+            "--separate-threads=yes",
+            f"--callgrind-out-file={prefix}",
+            sys.executable,
+            __file__,
+            "--inner",
+            contender,
+            "--creates",
+            str(creates),
+            "--tasks",
+            str(tasks),
+        ],
+        check=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    totals = []
+    for part in sorted(out.glob(f"{prefix.name}-*")):  # one file a thread: -01, -02, ...
+        for line in part.read_text(errors="replace").splitlines():
+            if line.startswith(("summary:", "totals:")):
+                totals.append(int(line.split()[1]))
+                break
+    if not totals:
+        raise RuntimeError(f"callgrind wrote no counts for {contender}")
+    return totals
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    """The command line."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument(
+        "--creates", type=int, default=20480, help="creates counted (default 20480)"
+    )
+    parser.add_argument("--tasks", type=int, default=256, help="concurrent tasks (default 256)")
+    parser.add_argument("--inner", choices=CONTENDERS, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if not args.inner and (
+        args.tasks < 1 or args.creates < args.tasks or args.creates % args.tasks
+    ):
+        parser.error("--creates must be a positive multiple of --tasks")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Count, print the table; 2 when valgrind is missing."""
+    args = parse_args(argv)
+    if args.inner:
+        inner(args.inner, args.creates, args.tasks)
+        return 0
+    if shutil.which("valgrind") is None:
+        print("valgrind is not installed: no instruction counts", file=sys.stderr)
+        return 2
+    per_create: dict[str, tuple[float, float]] = {}
+    with tempfile.TemporaryDirectory(prefix="ssinstr-out-") as root, ThreadPoolExecutor(2) as pool:
+        out = Path(root)
+        for contender in CONTENDERS:
+            # The run without creates as well: with a count of 0, inner() makes none.
+            runs = [pool.submit(count, contender, n, args.tasks, out) for n in (0, args.creates)]
+            base, full = (r.result() for r in runs)
+            main_thread = (full[0] - base[0]) / args.creates
+            others = (sum(full[1:]) - sum(base[1:])) / args.creates
+            per_create[contender] = (main_thread, others)
+    print(f"instructions per create, {args.creates:,} creates from {args.tasks} tasks")
+    print(f"{'':14}{'main thread':>14}{'other threads':>16}{'in all':>12}")
+    for contender, (main_thread, others) in per_create.items():
+        print(f"{contender:14}{main_thread:14,.0f}{others:16,.0f}{main_thread + others:12,.0f}")
+    ss, raw = (sum(per_create[c]) for c in CONTENDERS)
+    print(f"raw / sessionstore: {raw / ss:.3f}x (what rates would show if time went by count)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
