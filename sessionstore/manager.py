@@ -42,7 +42,7 @@ from .errors import (
 )
 from .session import Session, new_session_id
 from .store import CreateResult, NewRow, NewSession, SessionRow, SessionStore, dumps, loads
-from .writer import GroupCommitWriter
+from .writer import GroupCommitWriter, each_write
 
 __all__ = ["RecoveryReport", "RemovalListener", "ResumeResult", "SessionManager"]
 
@@ -263,8 +263,6 @@ class SessionManager:
         # method made per call, the young collections ran 4-5 times as often and set
         # off 7-8 full ones (40-55 ms each) in 3 s; bound once, none: 77k-81k ->
         # 90k-99k creates/s.
-        self._created_callback = self._on_created
-        self._new_callback = self._on_new
         self._writer: GroupCommitWriter | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._state: Literal["new", "running", "closed"] = "new"
@@ -359,6 +357,13 @@ class SessionManager:
                     "data": self._apply_data_changes,
                     "token": self._apply_tokens,
                     "cleanup": self._apply_cleanup_chunk,
+                },
+                on_commit={
+                    "create": self._on_new,
+                    "ensure": each_write(self._on_created),
+                    "delete": each_write(self._on_removed),
+                    "data": each_write(self._on_data_changed),
+                    "cleanup": each_write(self._on_expired),
                 },
                 exclusive=("cleanup",),
                 # Deleting expired rows is as good redone as lost: a chunk that a power
@@ -486,18 +491,18 @@ class SessionManager:
             text, returned = "{}", {}
         elif _flat(data):
             # Copied now: the caller may change ``data`` while the write is in flight.
-            text, returned = self._encode(data, keys_checked=True), dict(data)
+            text, returned = self._encode(data, True), dict(data)
         else:
             text = self._encode(data)
             returned = loads(text)
         if session_id is None:
             # A generated id is new: no row to look for, the row itself is the request.
             new_id = new_session_id()
-            if await writer.submit("create", (new_id, now, now, text, 1), self._new_callback):
+            if await writer.submit("create", (new_id, now, now, text, 1)):
                 return Session(new_id, now, now, returned, 1)
             raise SessionLimitError(self.settings.max_concurrent_sessions)
         new = NewSession(session_id, now, text, True)
-        outcome: _Entry | bool = await writer.submit("ensure", new, self._created_callback)
+        outcome: _Entry | bool = await writer.submit("ensure", new)
         if outcome is True:
             return Session(session_id, now, now, returned, 1)
         if outcome is False:
@@ -524,7 +529,7 @@ class SessionManager:
         writer = self._running_writer()
         if not _valid_id(session_id):
             return False
-        existed: bool = await writer.submit("delete", session_id, self._on_removed)
+        existed: bool = await writer.submit("delete", session_id)
         return existed
 
     async def list_ids(self) -> list[str]:
@@ -592,9 +597,7 @@ class SessionManager:
         total, rows, first = 0, self.settings.cleanup_chunk_rows, True
         while True:
             chunk_started = time.perf_counter()
-            deleted: list[str] = await writer.submit(
-                "cleanup", (now, first, rows), self._on_expired
-            )
+            deleted: list[str] = await writer.submit("cleanup", (now, first, rows))
             took, first = time.perf_counter() - chunk_started, False
             total += len(deleted)
             if progress is not None:
@@ -681,7 +684,7 @@ class SessionManager:
         # than objects the caller may still be changing.
         update = loads(self._encode(dict(data or {})))
         change = _DataChange(session_id, update, tuple(delete), replace, if_version)
-        result: _Entry | _Conflict = await writer.submit("data", change, self._on_data_changed)
+        result: _Entry | _Conflict = await writer.submit("data", change)
         if isinstance(result, _Conflict):
             raise result.error
         return self._snapshot(session_id, result)
@@ -872,8 +875,11 @@ class SessionManager:
             row.session_id, row.created_at, row.last_activity, loads(row.data), row.version
         )
 
-    def _encode(self, data: Mapping[str, Any], *, keys_checked: bool = False) -> str:
-        """The data's JSON text, checked; ``keys_checked``: a dict with str keys."""
+    def _encode(self, data: Mapping[str, Any], keys_checked: bool = False) -> str:
+        """The data's JSON text, checked; ``keys_checked``: a dict with str keys.
+
+        (Positional on the create path: a keyword argument makes the call dearer.)
+        """
         if not keys_checked and (
             not isinstance(data, Mapping) or not all(isinstance(k, str) for k in data)
         ):
@@ -904,11 +910,14 @@ class SessionManager:
             return False
         return self._remember(result.row)
 
-    def _on_new(self, row: NewRow, created: bool) -> bool:
-        """A session with a generated id: True when created, False when refused."""
-        if created:  # _pack, written out: this runs once for every create
-            self._cache[row[0]] = _HEAD.pack(row[1], row[1], 1) + row[3].encode()
-            self.counters["created"] += 1
+    def _on_new(self, rows: list[NewRow], created: list[bool]) -> list[bool]:
+        """Sessions with generated ids: True when created, False when refused."""
+        cache, head, made = self._cache, _HEAD.pack, 0
+        for row, ok in zip(rows, created, strict=True):
+            if ok:  # _pack, written out: this runs once for every create
+                cache[row[0]] = head(row[1], row[1], 1) + row[3].encode()
+                made += 1
+        self.counters["created"] += made
         return created
 
     def _on_removed(self, session_id: str, existed: bool) -> bool:

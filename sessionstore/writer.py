@@ -29,7 +29,7 @@ from sqlalchemy import Connection
 from .errors import ManagerClosedError
 from .store import SessionStore
 
-__all__ = ["BatchHandler", "GroupCommitWriter", "OnCommit"]
+__all__ = ["BatchHandler", "GroupCommitWriter", "OnCommit", "each_write"]
 
 log = logging.getLogger("sessionstore.writer")
 
@@ -41,15 +41,17 @@ log = logging.getLogger("sessionstore.writer")
 BatchHandler = Callable[[Connection, list[Any], float], list[Any]]
 
 
-#: Called on the event loop as ``on_commit(arg, result)`` when the transaction holding
-#: the request has committed, before its caller wakes, and also when that caller has
-#: been cancelled; what it returns is what the caller gets.
-OnCommit = Callable[[Any, Any], Any]
+#: Called on the event loop as ``on_commit(args, results)`` for each run of same-kind
+#: requests once the transaction holding them has committed, before their callers
+#: wake, and also for callers that have been cancelled: it applies the writes in
+#: memory and returns what the callers get, one each. A result that is an exception
+#: is the handler's answer to that caller alone; ``on_commit`` passes it on as it is.
+OnCommit = Callable[[list[Any], list[Any]], list[Any]]
 
 
-#: One queued write: (kind, arg, the caller's future, on_commit). A plain tuple: one
-#: is made per create, and a named one costs ten times as much to make.
-_Request = tuple[str, Any, "asyncio.Future[Any]", OnCommit | None]
+#: One queued write: (kind, arg, the caller's future). A plain tuple: one is made per
+#: create, and a named one costs ten times as much to make.
+_Request = tuple[str, Any, "asyncio.Future[Any]"]
 _KIND = operator.itemgetter(0)
 
 
@@ -59,6 +61,9 @@ class GroupCommitWriter:
     Args:
         store: The open store whose ``write`` runs each transaction.
         handlers: Request kind -> batch handler.
+        on_commit: Request kind -> what applies its committed runs in memory (the
+            manager's cache and listeners); kinds without one give callers the
+            handler's results.
         exclusive: Kinds that get a transaction to themselves (cleanup chunks, so a
             long delete never delays the creates queued behind it by more than one chunk).
         relaxed: Exclusive kinds whose transactions need not reach the disk before
@@ -75,6 +80,7 @@ class GroupCommitWriter:
         store: SessionStore,
         handlers: dict[str, BatchHandler],
         *,
+        on_commit: dict[str, OnCommit] | None = None,
         exclusive: Sequence[str] = (),
         relaxed: Sequence[str] = (),
         flush_interval: float = 1.0,
@@ -85,6 +91,7 @@ class GroupCommitWriter:
         self._clock = clock
         self._handlers = dict(handlers)
         self._handlers.setdefault("barrier", _barrier)
+        self._on_commit = dict(on_commit or {})
         self._exclusive = frozenset(exclusive)
         self._relaxed = frozenset(relaxed)
         if not self._relaxed <= self._exclusive:
@@ -144,21 +151,19 @@ class GroupCommitWriter:
             for sid in session_ids:
                 pending.pop(sid, None)
 
-    def submit(
-        self, kind: str, arg: Any = None, on_commit: OnCommit | None = None
-    ) -> asyncio.Future[Any]:
+    def submit(self, kind: str, arg: Any = None) -> asyncio.Future[Any]:
         """Queue one write; await the result to wait until its transaction has committed.
 
-        ``on_commit`` applies the write's effects in memory (the manager's cache and
-        listeners) at the commit itself: a caller cancelled while its write committed
-        can no longer leave memory disagreeing with the database. A future rather than
-        a coroutine: one object less to make, and to keep alive, for every create.
+        The kind's ``on_commit`` applies the write's effects in memory at the commit
+        itself: a caller cancelled while its write committed can no longer leave memory
+        disagreeing with the database. A future rather than a coroutine: one object
+        less to make, and to keep alive, for every create.
         """
         new_future = self._new_future
         if self._closing or new_future is None:
             raise ManagerClosedError("session manager is closed")
         future = new_future()
-        self._queue.append((kind, arg, future, on_commit))
+        self._queue.append((kind, arg, future))
         if kind in self._exclusive:
             self._exclusive_queued += 1
         if not self._woken:
@@ -247,20 +252,23 @@ class GroupCommitWriter:
         started = asyncio.get_running_loop().time()
         now = self._clock()
 
-        def work(conn: Connection) -> list[Any]:
+        # Runs of same-kind requests, in queue order: one handler call each.
+        runs = [(kind, list(run)) for kind, run in itertools.groupby(batch, key=_KIND)]
+        args_of = [[r[1] for r in run] for _kind, run in runs]
+
+        def work(conn: Connection) -> list[list[Any]]:
             if touches:
                 SessionStore.touch_many(conn, touches.items())
-            results: list[Any] = []
-            for kind, run in itertools.groupby(batch, key=_KIND):
-                args = [r[1] for r in run]
-                out = self._handlers[kind](conn, args, now)
-                if len(out) != len(args):
-                    raise RuntimeError(f"handler {kind!r} returned {len(out)} results")
-                results.extend(out)
-            return results
+            out = []
+            for (kind, _run), args in zip(runs, args_of, strict=True):
+                results = self._handlers[kind](conn, args, now)
+                if len(results) != len(args):
+                    raise RuntimeError(f"handler {kind!r} returned {len(results)} results")
+                out.append(results)
+            return out
 
         try:
-            results = await self._store.write(work, durable=not relaxed)
+            results_of = await self._store.write(work, durable=not relaxed)
         except Exception as exc:
             self._restore(touches)
             live = [r for r in batch if not r[2].done()]
@@ -273,7 +281,7 @@ class GroupCommitWriter:
                 return
             if not batch:
                 log.warning("activity flush failed, will retry: %s", exc)
-            for _kind, _arg, future, _on_commit in live:
+            for _kind, _arg, future in live:
                 future.set_exception(exc)
             if self._closing and not batch:
                 # Shutting down and the disk refuses: do not spin; report and drop.
@@ -282,21 +290,25 @@ class GroupCommitWriter:
             return
         self.transactions += 1
         self.last_flush_lag = asyncio.get_running_loop().time() - started
-        for (kind, arg, future, on_commit), result in zip(batch, results, strict=True):
-            if on_commit is not None and not isinstance(result, BaseException):
+        for (kind, run), args, results in zip(runs, args_of, results_of, strict=True):
+            on_commit = self._on_commit.get(kind)
+            if on_commit is not None:
                 try:
-                    result = on_commit(arg, result)
+                    results = on_commit(args, results)
+                    if len(results) != len(run):
+                        raise RuntimeError(f"on_commit of {kind!r} returned {len(results)} results")
                 except (KeyboardInterrupt, SystemExit):
                     raise
-                except BaseException as exc:  # its caller's error; the writer goes on
-                    log.exception("applying a committed %s write failed", kind)
-                    result = exc
-            if future.done():
-                continue  # cancelled: the write stands, and on_commit has applied it
-            if isinstance(result, BaseException):
-                future.set_exception(result)
-            else:
-                future.set_result(result)
+                except BaseException as exc:  # its callers' error; the writer goes on
+                    log.exception("applying committed %s writes failed", kind)
+                    results = [exc] * len(run)
+            for (_kind, _arg, future), result in zip(run, results, strict=True):
+                if future.done():
+                    continue  # cancelled: the write stands, and on_commit has applied it
+                if isinstance(result, BaseException):
+                    future.set_exception(result)
+                else:
+                    future.set_result(result)
 
     def _restore(self, touches: dict[str, float]) -> None:
         """Put back touches a failed transaction did not write (newer ones win)."""
@@ -304,6 +316,21 @@ class GroupCommitWriter:
             self._pending.setdefault(sid, ts)
         if self._pending and self._deadline is None:
             self._deadline = asyncio.get_running_loop().time() + self._flush_interval
+
+
+def each_write(apply: Callable[[Any, Any], Any]) -> OnCommit:
+    """An ``on_commit`` made of ``apply(arg, result)`` for each write in turn.
+
+    Results that are exceptions reach their callers as they are, without ``apply``.
+    """
+
+    def on_commit(args: list[Any], results: list[Any]) -> list[Any]:
+        return [
+            r if isinstance(r, BaseException) else apply(a, r)
+            for a, r in zip(args, results, strict=True)
+        ]
+
+    return on_commit
 
 
 def _barrier(_conn: Connection, args: list[Any], _now: float) -> list[Any]:

@@ -6,6 +6,7 @@ import asyncio
 import dataclasses
 import enum
 import json
+import logging
 import re
 import subprocess
 import sys
@@ -600,6 +601,59 @@ async def test_writes_queued_together_share_a_transaction_and_exclusive_ones_sta
     assert await behind_a_held_write(*requests, cancel="lost") == ["r0", "r1"]
     assert transactions == [["first"], ["r0", "r1"]]
     await writer.aclose()
+
+
+async def test_on_commit_applies_each_run_of_a_kind_and_its_failure_reaches_that_run_only(
+    manager: SessionManager, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``on_commit`` gets each committed run of its kind whole, once, and its answer is
+    the callers'; when it raises (or answers the wrong number), that run's callers get
+    the error, the other runs of the transaction their results, and the writer goes on."""
+    from sqlalchemy import Connection
+
+    from sessionstore.writer import GroupCommitWriter
+
+    def echo(_conn: Connection, args: list[Any], _now: float) -> list[Any]:
+        return list(args)
+
+    applied: list[list[str]] = []
+
+    def shout(args: list[str], results: list[str]) -> list[Any]:
+        applied.append(list(args))
+        if "boom" in args:
+            raise ValueError("boom")
+        if "short" in args:
+            return results[1:]
+        return [r.upper() if isinstance(r, str) else r for r in results]
+
+    writer = GroupCommitWriter(manager.store, {"a": echo, "b": echo}, on_commit={"a": shout})
+    writer.start()
+    try:
+
+        async def one_transaction(*requests: tuple[str, str]) -> list[Any]:
+            # Queued before the writer runs: all of them share one transaction.
+            before = writer.transactions
+            futures = [writer.submit(kind, arg) for kind, arg in requests]
+            results = await asyncio.gather(*futures, return_exceptions=True)
+            assert writer.transactions == before + 1
+            return results
+
+        assert await one_transaction(("a", "x"), ("a", "y"), ("b", "z"), ("a", "w")) == [
+            "X",
+            "Y",
+            "z",
+            "W",
+        ]
+        assert applied == [["x", "y"], ["w"]]
+        with caplog.at_level(logging.ERROR, logger="sessionstore.writer"):
+            failed = await one_transaction(("a", "boom"), ("a", "v"), ("b", "u"), ("a", "short"))
+        assert [type(r) for r in failed] == [ValueError, ValueError, str, RuntimeError]
+        assert failed[2] == "u"
+        assert applied[2:] == [["boom", "v"], ["short"]]
+        assert caplog.text.count("applying committed a writes failed") == 2
+        assert await writer.submit("a", "after") == "AFTER"
+    finally:
+        await writer.aclose()
 
 
 async def test_can_create_after_cleanup_frees_room(
