@@ -5,8 +5,9 @@ On a shared machine the wall-clock rates of ``bench.py`` drift by a third within
 minute, for every contender at once; a change worth 5% cannot be seen in them. The
 number of instructions a create costs does not drift (the same count twice, whatever
 else the machine does). This counts them for scenario 1b, creates from 256 tasks:
-sessionstore's ``ensure()`` through the public API, and raw sqlite3's batched
-transaction of ``bench.py`` (the limit), each in a process of its own under
+sessionstore's ``ensure()`` through the public API, raw sqlite3's batched
+transaction of ``bench.py`` (the limit), and the same tasks awaiting a group commit
+that does nothing (what asyncio alone costs), each in a process of its own under
 ``valgrind --tool=callgrind``, once with the creates and once without (the start-up,
 imports and the database's creation cancel out).
 
@@ -35,7 +36,7 @@ import bench
 
 from sessionstore import SessionManager
 
-CONTENDERS = ("sessionstore", "raw")
+CONTENDERS = ("sessionstore", "raw", "asyncio")
 
 
 async def _sessionstore(path: Path, creates: int, tasks: int) -> None:
@@ -45,6 +46,46 @@ async def _sessionstore(path: Path, creates: int, tasks: int) -> None:
     if creates:
         await bench.fixed_work(tasks, range(creates), lambda _i: manager.ensure(data=bench.DATA))
     await manager.aclose()
+
+
+async def _asyncio_alone(creates: int, tasks: int) -> None:
+    """What the tasks and the group commit cost in asyncio, without a create in them.
+
+    The same shape as sessionstore's: each call queues a future and awaits it; one
+    writer task takes the whole queue, hands it to a thread (which does nothing) and
+    resolves the futures. What is left of sessionstore's count after this, the JSON
+    and the id is its own.
+    """
+    loop = asyncio.get_running_loop()
+    queue: list[asyncio.Future[bool]] = []
+    wakeup = asyncio.Event()
+
+    def submit() -> asyncio.Future[bool]:
+        future: asyncio.Future[bool] = loop.create_future()
+        queue.append(future)
+        wakeup.set()
+        return future
+
+    async def writer() -> None:
+        with ThreadPoolExecutor(1) as thread:
+            while True:
+                await wakeup.wait()
+                wakeup.clear()
+                batch = queue[:]
+                queue.clear()
+                await loop.run_in_executor(thread, int)
+                for future in batch:
+                    future.set_result(True)
+
+    async def call() -> bool:
+        return await submit()
+
+    task = asyncio.create_task(writer())
+    await call()
+    if creates:
+        await bench.fixed_work(tasks, range(creates), lambda _i: call())
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
 
 
 def _raw(path: Path, creates: int, tasks: int) -> None:
@@ -67,8 +108,10 @@ def inner(contender: str, creates: int, tasks: int) -> None:
         asyncio.run(_start_stop(manager))
         if contender == "sessionstore":
             asyncio.run(_sessionstore(path, creates, tasks))
-        else:
+        elif contender == "raw":
             _raw(path, creates, tasks)
+        else:
+            asyncio.run(_asyncio_alone(creates, tasks))
 
 
 async def _start_stop(manager: SessionManager) -> None:
@@ -148,8 +191,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"{'':14}{'main thread':>14}{'other threads':>16}{'in all':>12}")
     for contender, (main_thread, others) in per_create.items():
         print(f"{contender:14}{main_thread:14,.0f}{others:16,.0f}{main_thread + others:12,.0f}")
-    ss, raw = (sum(per_create[c]) for c in CONTENDERS)
+    ss, raw = sum(per_create["sessionstore"]), sum(per_create["raw"])
     print(f"raw / sessionstore: {raw / ss:.3f}x (what rates would show if time went by count)")
+    print("asyncio: 256 tasks awaiting a group commit that does nothing (no JSON, id or SQL)")
     return 0
 
 
