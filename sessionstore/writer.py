@@ -5,7 +5,8 @@ runs it in one write transaction and releases each caller only after that commit
 Because the transaction runs in the writer's own task, cancelling a caller can never
 strand a half-done transaction or leave the write lock held: a request cancelled
 before its batch starts is skipped (the row stays old), one cancelled later is
-committed (the row is new), and nothing in between exists.
+committed (the row is new) unless that transaction fails (the row stays old: it is not
+retried for a caller who has gone), and nothing in between exists.
 
 Activity touches are not requests: they sit in a dict (last value wins) and are
 written by the next transaction, or after ``flush_interval`` at the latest.
@@ -37,7 +38,8 @@ log = logging.getLogger("sessionstore.writer")
 #: result per argument; a result that is an exception is raised to that caller only.
 #: Runs a run of same-kind requests inside the transaction: synchronous SQLAlchemy Core
 #: (in the SQLite writer thread, or through ``run_sync`` on PostgreSQL); one result each.
-#: ``now`` is the batch's time, read from the clock on the event loop.
+#: ``now`` is the batch's time, read from the clock on the event loop. ``args`` is the
+#: list the kind's ``on_commit`` gets afterwards: a handler must not change it.
 BatchHandler = Callable[[Connection, list[Any], float], list[Any]]
 
 
@@ -322,13 +324,23 @@ def each_write(apply: Callable[[Any, Any], Any]) -> OnCommit:
     """An ``on_commit`` made of ``apply(arg, result)`` for each write in turn.
 
     Results that are exceptions reach their callers as they are, without ``apply``.
+    If ``apply`` raises for one write, that write's caller gets the exception and the
+    writes after it are still applied.
     """
 
     def on_commit(args: list[Any], results: list[Any]) -> list[Any]:
-        return [
-            r if isinstance(r, BaseException) else apply(a, r)
-            for a, r in zip(args, results, strict=True)
-        ]
+        out: list[Any] = []
+        for arg, result in zip(args, results, strict=True):
+            if not isinstance(result, BaseException):
+                try:
+                    result = apply(arg, result)
+                except (KeyboardInterrupt, SystemExit):
+                    raise
+                except BaseException as exc:  # its caller's error; the others still apply
+                    log.exception("applying a committed write failed")
+                    result = exc
+            out.append(result)
+        return out
 
     return on_commit
 

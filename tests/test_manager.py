@@ -608,10 +608,12 @@ async def test_on_commit_applies_each_run_of_a_kind_and_its_failure_reaches_that
 ) -> None:
     """``on_commit`` gets each committed run of its kind whole, once, and its answer is
     the callers'; when it raises (or answers the wrong number), that run's callers get
-    the error, the other runs of the transaction their results, and the writer goes on."""
+    the error, the other runs of the transaction their results, and the writer goes on.
+    Made with ``each_write``, a failure of one write's callback reaches that caller
+    only, and the writes after it are still applied."""
     from sqlalchemy import Connection
 
-    from sessionstore.writer import GroupCommitWriter
+    from sessionstore.writer import GroupCommitWriter, each_write
 
     def echo(_conn: Connection, args: list[Any], _now: float) -> list[Any]:
         return list(args)
@@ -624,9 +626,21 @@ async def test_on_commit_applies_each_run_of_a_kind_and_its_failure_reaches_that
             raise ValueError("boom")
         if "short" in args:
             return results[1:]
-        return [r.upper() if isinstance(r, str) else r for r in results]
+        return [r.upper() for r in results]
 
-    writer = GroupCommitWriter(manager.store, {"a": echo, "b": echo}, on_commit={"a": shout})
+    one_by_one: list[str] = []
+
+    def apply_one(arg: str, result: str) -> str:
+        if arg == "bad":
+            raise KeyError(arg)
+        one_by_one.append(arg)
+        return result + "!"
+
+    writer = GroupCommitWriter(
+        manager.store,
+        {"a": echo, "b": echo, "c": echo},
+        on_commit={"a": shout, "c": each_write(apply_one)},
+    )
     writer.start()
     try:
 
@@ -634,24 +648,37 @@ async def test_on_commit_applies_each_run_of_a_kind_and_its_failure_reaches_that
             # Queued before the writer runs: all of them share one transaction.
             before = writer.transactions
             futures = [writer.submit(kind, arg) for kind, arg in requests]
-            results = await asyncio.gather(*futures, return_exceptions=True)
+            results = await asyncio.wait_for(asyncio.gather(*futures, return_exceptions=True), 10)
             assert writer.transactions == before + 1
             return results
 
-        assert await one_transaction(("a", "x"), ("a", "y"), ("b", "z"), ("a", "w")) == [
-            "X",
-            "Y",
-            "z",
-            "W",
-        ]
+        ok = await one_transaction(("a", "x"), ("a", "y"), ("b", "z"), ("a", "w"))
+        assert ok == ["X", "Y", "z", "W"]
         assert applied == [["x", "y"], ["w"]]
         with caplog.at_level(logging.ERROR, logger="sessionstore.writer"):
-            failed = await one_transaction(("a", "boom"), ("a", "v"), ("b", "u"), ("a", "short"))
-        assert [type(r) for r in failed] == [ValueError, ValueError, str, RuntimeError]
-        assert failed[2] == "u"
-        assert applied[2:] == [["boom", "v"], ["short"]]
+            failed = await one_transaction(
+                ("a", "fine"),
+                ("b", "u"),
+                ("a", "boom"),
+                ("a", "v"),
+                ("b", "t"),
+                ("a", "short"),
+                ("c", "c1"),
+                ("c", "bad"),
+                ("c", "c2"),
+            )
+        assert failed[:2] == ["FINE", "u"]
+        assert [type(r) for r in failed[2:4]] == [ValueError, ValueError]
+        assert failed[4] == "t"
+        assert isinstance(failed[5], RuntimeError)
+        assert failed[6] == "c1!"
+        assert isinstance(failed[7], KeyError)
+        assert failed[8] == "c2!"
+        assert applied[2:] == [["fine"], ["boom", "v"], ["short"]]
+        assert one_by_one == ["c1", "c2"]
         assert caplog.text.count("applying committed a writes failed") == 2
-        assert await writer.submit("a", "after") == "AFTER"
+        assert caplog.text.count("applying a committed write failed") == 1
+        assert await asyncio.wait_for(writer.submit("a", "after"), 10) == "AFTER"
     finally:
         await writer.aclose()
 

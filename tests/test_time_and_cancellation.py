@@ -145,9 +145,11 @@ async def test_a_write_whose_caller_is_cancelled_while_it_commits_still_reaches_
         blocker = sqlite3.connect(db_path, isolation_level=None)
         try:
             blocker.execute("BEGIN IMMEDIATE")  # another process holds the write lock
+            created = m.counters["created"]
             writes = [
                 asyncio.create_task(m.set_data("s", {"n": 1})),
                 asyncio.create_task(m.remove("r")),
+                asyncio.create_task(m.ensure(data={"new": True})),  # a generated id
             ]
             await asyncio.sleep(0)  # both are queued
 
@@ -169,3 +171,10 @@ async def test_a_write_whose_caller_is_cancelled_while_it_commits_still_reaches_
         assert (got.data, got.version) == ({"n": 1}, 2)
         assert await m.get("r") is None
         assert heard == [("r", "removed")]
+        # The create whose caller left is in the database and in memory, counted.
+        assert m.counters["created"] == created + 2  # it and "after"
+        (new_id,) = set(await m.list_ids()) - {"s", "after"}
+        assert new_id in m._cache
+        got_new = await m.get(new_id)
+        assert got_new is not None
+        assert got_new.data == {"new": True}
