@@ -117,3 +117,34 @@ async def test_raw_token_is_never_stored(manager: SessionManager, db_path: Path)
     for token in tokens:
         assert token.encode() not in blobs
     assert hashlib.sha256(tokens[-1].encode()).hexdigest().encode() in blobs
+
+
+@pytest.mark.contract
+async def test_lookups_by_many_keys_find_each_row_once_whatever_the_count(
+    manager: SessionManager,
+) -> None:
+    """The ``IN`` reads behind cache misses and resumes: lists longer than one
+    statement holds, lists of every length (each padded to a power of two with its
+    last key), keys given twice, keys that match nothing."""
+    from sessionstore.manager import hash_token
+
+    ids = [(await manager.ensure(data={"i": i})).session_id for i in range(6)]
+    tokens = {sid: await manager.issue_token(sid) for sid in ids[:4]}
+    await manager.remove(ids[3])  # its token is now a tombstone's: "revoked"
+    store = manager.store
+    unknown = [f"nobody-{i}" for i in range(1100)]
+    keys = [*unknown[:600], ids[0], ids[0], *unknown[600:], *ids[1:], ids[5]]
+    rows = await store.fetch_many(keys)
+    assert sorted(r.session_id for r in rows) == sorted(ids[:3] + ids[4:])
+    for n in range(1, 10):  # padded lengths 1, 2, 4, 4, 8, ... 16
+        some = ids[:n] if n <= len(ids) else [*ids, *unknown[: n - len(ids)]]
+        got = [r.session_id for r in await store.fetch_many(some)]
+        assert sorted(got) == sorted(sid for sid in set(some) if sid in ids and sid != ids[3])
+    digests = [hash_token(t) for t in tokens.values()]
+    found = await store.resume_lookup([*(f"{i:064x}" for i in range(700)), *digests, digests[0]])
+    assert set(found) == set(digests)
+    for sid, digest in zip(ids[:3], digests[:3], strict=True):
+        row, reason = found[digest]
+        assert row is not None
+        assert (row.session_id, reason) == (sid, None)
+    assert found[digests[3]] == (None, "revoked")
