@@ -868,6 +868,8 @@ class SessionStore:
         left out of the result.
         """
         found: dict[str, tuple[SessionRow | None, str | None]] = {}
+        if not token_hashes:
+            return found
 
         def both(conn: Connection) -> None:
             for digest, *row in _select_in(conn, "token_rows", token_hashes):
@@ -899,6 +901,8 @@ class SessionStore:
 
     async def fetch_many(self, session_ids: Sequence[str]) -> list[SessionRow]:
         """The rows that still exist among ``session_ids`` (:func:`_select_in`)."""
+        if not session_ids:
+            return []
         found = await self.read(lambda conn: conn.run_sync(_select_in, "rows", session_ids))
         return [SessionRow(*r) for r in found]
 
@@ -1252,22 +1256,29 @@ _IN_CHUNK = 512
 
 
 def _select_in(conn: Connection, name: str, keys: Sequence[str]) -> list[Any]:
-    """The rows of read ``name`` for ``keys``, as the driver's own tuples.
+    """The rows of read ``name`` for ``keys``, as the driver's own tuples on SQLite.
 
-    Run on the driver's cursor: SQLAlchemy's result and row objects took a quarter or
-    more of the event loop's time of a first ``get`` after a restart (measured at 256
-    tasks, three interleaved pairs: 25-27 -> 15-22 us of CPU a get, 29k-31k -> 34k-50k
-    gets/s). Each statement's list is padded
-    to a power of two with its last key (a key twice matches nothing more), so that a
-    dialect keeps ten statements compiled rather than one for every length.
+    On SQLite the driver's cursor runs them: SQLAlchemy's result and row objects took
+    a quarter or more of the event loop's time of a first ``get`` after a restart
+    (measured at 256 tasks, three interleaved pairs: 25-27 -> 15-22 us of CPU a get,
+    29k-31k -> 34k-50k gets/s). Each statement's list is padded to a power of two with
+    its last key (a key twice matches nothing more), so that a dialect keeps ten
+    statements compiled rather than one for every length. A key given in two chunks
+    comes back twice; callers key the rows by it.
     """
     out: list[Any] = []
-    with _driver_cursor(conn) as cursor:
-        for start in range(0, len(keys), _IN_CHUNK):
-            chunk = list(keys[start : start + _IN_CHUNK])
-            size = 1 << (len(chunk) - 1).bit_length()
-            chunk += chunk[-1:] * (size - len(chunk))
-            cursor.execute(_in_sql(conn.dialect, name, size), chunk)
+    for start in range(0, len(keys), _IN_CHUNK):
+        chunk = list(keys[start : start + _IN_CHUNK])
+        size = 1 << (len(chunk) - 1).bit_length()
+        chunk += chunk[-1:] * (size - len(chunk))
+        sql = _in_sql(conn.dialect, name, size)
+        if conn.dialect.name != "sqlite":
+            # Through SQLAlchemy, which turns the asyncpg adapter's own errors into
+            # DBAPIError (and so StorageError); its cursor would not.
+            out.extend(conn.exec_driver_sql(sql, tuple(chunk)).fetchall())
+            continue
+        with _driver_cursor(conn) as cursor:
+            cursor.execute(sql, chunk)
             out.extend(cursor.fetchall())
     return out
 

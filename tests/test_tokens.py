@@ -120,12 +120,16 @@ async def test_raw_token_is_never_stored(manager: SessionManager, db_path: Path)
 
 
 @pytest.mark.contract
-async def test_lookups_by_many_keys_find_each_row_once_whatever_the_count(
+async def test_lookups_by_many_keys_find_exactly_the_rows_that_exist(
     manager: SessionManager,
 ) -> None:
     """The ``IN`` reads behind cache misses and resumes: lists longer than one
-    statement holds, lists of every length (each padded to a power of two with its
-    last key), keys given twice, keys that match nothing."""
+    statement holds (rows on both sides of each boundary), lists of every length (each
+    padded to a power of two with its last key), keys given twice, keys that match
+    nothing; and a failing read is a StorageError on either backend."""
+    from sqlalchemy import text
+
+    from sessionstore import StorageError
     from sessionstore.manager import hash_token
 
     ids = [(await manager.ensure(data={"i": i})).session_id for i in range(6)]
@@ -133,13 +137,18 @@ async def test_lookups_by_many_keys_find_each_row_once_whatever_the_count(
     await manager.remove(ids[3])  # its token is now a tombstone's: "revoked"
     store = manager.store
     unknown = [f"nobody-{i}" for i in range(1100)]
-    keys = [*unknown[:600], ids[0], ids[0], *unknown[600:], *ids[1:], ids[5]]
+    # 512 keys a statement: ids at 0, 511 | 512, 1023 | 1024 and the last.
+    keys = [ids[0], *unknown[:510], ids[1], ids[2], *unknown[510:1020], ids[0], ids[4]]
+    keys += [*unknown[1020:], ids[5], ids[3]]
+    assert (keys.index(ids[1]), keys.index(ids[2]), keys.index(ids[4])) == (511, 512, 1024)
     rows = await store.fetch_many(keys)
-    assert sorted(r.session_id for r in rows) == sorted(ids[:3] + ids[4:])
+    assert {r.session_id for r in rows} == {ids[0], ids[1], ids[2], ids[4], ids[5]}
+    assert len(rows) == 6  # ids[0] is in two statements
     for n in range(1, 10):  # padded lengths 1, 2, 4, 4, 8, ... 16
         some = ids[:n] if n <= len(ids) else [*ids, *unknown[: n - len(ids)]]
         got = [r.session_id for r in await store.fetch_many(some)]
         assert sorted(got) == sorted(sid for sid in set(some) if sid in ids and sid != ids[3])
+    assert await store.fetch_many([]) == []
     digests = [hash_token(t) for t in tokens.values()]
     found = await store.resume_lookup([*(f"{i:064x}" for i in range(700)), *digests, digests[0]])
     assert set(found) == set(digests)
@@ -148,3 +157,14 @@ async def test_lookups_by_many_keys_find_each_row_once_whatever_the_count(
         assert row is not None
         assert (row.session_id, reason) == (sid, None)
     assert found[digests[3]] == (None, "revoked")
+    assert await store.resume_lookup([]) == {}
+
+    cascade = " CASCADE" if store.dialect == "postgresql" else ""
+    async with store.engine.begin() as conn:
+        await conn.execute(text(f"DROP TABLE session_tombstones{cascade}"))
+        await conn.execute(text("DROP VIEW IF EXISTS sessions_readable"))
+        await conn.execute(text(f"DROP TABLE sessions{cascade}"))
+    with pytest.raises(StorageError):
+        await store.fetch_many(ids)
+    with pytest.raises(StorageError):
+        await store.resume_lookup(digests)
