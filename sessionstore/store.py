@@ -1271,15 +1271,7 @@ def _select_in(conn: Connection, name: str, keys: Sequence[str]) -> list[Any]:
         chunk = list(keys[start : start + _IN_CHUNK])
         size = 1 << (len(chunk) - 1).bit_length()
         chunk += chunk[-1:] * (size - len(chunk))
-        sql = _in_sql(conn.dialect, name, size)
-        if conn.dialect.name != "sqlite":
-            # Through SQLAlchemy, which turns the asyncpg adapter's own errors into
-            # DBAPIError (and so StorageError); its cursor would not.
-            out.extend(conn.exec_driver_sql(sql, tuple(chunk)).fetchall())
-            continue
-        with _driver_cursor(conn) as cursor:
-            cursor.execute(sql, chunk)
-            out.extend(cursor.fetchall())
+        out.extend(_fetch_sql(conn, _in_sql(conn.dialect, name, size), chunk))
     return out
 
 
@@ -1349,7 +1341,15 @@ def _fetch_driver_sql(conn: Connection, name: str, params: Sequence[Any]) -> Seq
     46 ms, ten times a chunk) in the middle of cleanup. Tuples of strings are not kept
     tracked. (:meth:`SessionStore.guard` translates the driver's own errors too.)
     """
-    sql = _driver_sql(conn.dialect, name)
+    return _fetch_sql(conn, _driver_sql(conn.dialect, name), params)
+
+
+def _fetch_sql(conn: Connection, sql: str, params: Sequence[Any]) -> Sequence[Any]:
+    """Rows of compiled ``sql``: the driver's cursor on SQLite, SQLAlchemy elsewhere.
+
+    Elsewhere through SQLAlchemy, which turns the asyncpg adapter's own errors into
+    ``DBAPIError`` (and so ``StorageError``); the adapter's cursor would not.
+    """
     if conn.dialect.name != "sqlite":
         return conn.exec_driver_sql(sql, tuple(params)).fetchall()
     with _driver_cursor(conn) as cursor:
