@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import contextlib
 import sqlite3
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import Connection, func, insert, select
+from sqlalchemy import Connection, bindparam, delete, func, insert, select
+from sqlalchemy.engine import Dialect, make_url
 
 import sessionstore.store as store_module
 from sessionstore import SessionManager
 from sessionstore.schema import sessions
 from sessionstore.store import SessionStore
+from tests.conftest import _pg_admin
 
 
 async def _plan(manager: SessionManager, stmt: Any) -> list[str]:
@@ -141,3 +144,79 @@ async def test_a_chunk_that_deletes_other_rows_than_it_read_is_rolled_back(
         )
     assert len(_rows(db_path, "SELECT session_id FROM sessions")) == 5  # nothing deleted
     assert _rows(db_path, "SELECT * FROM session_tombstones") == []
+
+
+# ----- PostgreSQL: the chunk DELETE's plan, generic as well as custom -----
+
+
+@pytest.fixture
+async def pg_sessions(postgres_url: str) -> AsyncIterator[tuple[Any, Dialect]]:
+    """A migrated database of 50,000 analysed sessions: an asyncpg connection to it,
+    and the dialect sessionstore compiles its statements with there."""
+    import asyncpg
+
+    url = make_url(postgres_url)
+    await _pg_admin(url, "DROP SCHEMA public CASCADE", "CREATE SCHEMA public")
+    async with SessionManager(postgres_url, background_tasks=False) as manager:
+        dialect = manager.store.engine.dialect
+    conn = await asyncpg.connect(
+        host=url.host, port=url.port or 5432, user=url.username, database=url.database
+    )
+    try:
+        await conn.execute(
+            "INSERT INTO sessions (session_id, created_at, last_activity, data, version) "
+            "SELECT 's' || i, i, i, '{}', 1 FROM generate_series(1, 50000) AS i"
+        )
+        await conn.execute("ANALYZE sessions")
+        yield conn, dialect
+    finally:
+        await conn.close()
+
+
+async def _pg_plans(pg: tuple[Any, Dialect], sql: str, chunks: list[int]) -> dict[str, list[str]]:
+    """The plans of ``sql`` prepared as asyncpg prepares it: generic, and custom ones."""
+    conn, _dialect = pg
+    await conn.execute(f"PREPARE chunk_delete AS {sql}")
+    plans: dict[str, list[str]] = {}
+    try:
+        for mode in ("force_generic_plan", "force_custom_plan"):
+            await conn.execute(f"SET plan_cache_mode = {mode}")
+            for rows in chunks:
+                # EXPLAIN without ANALYZE: planned, not run, so nothing is deleted.
+                plan = await conn.fetch(f"EXPLAIN EXECUTE chunk_delete(25000.0, {rows})")
+                plans[f"{mode} {rows}"] = [r[0] for r in plan]
+    finally:
+        await conn.execute("DEALLOCATE chunk_delete")
+        await conn.execute("RESET plan_cache_mode")
+    return plans
+
+
+async def test_the_postgresql_chunk_delete_never_scans_the_table(
+    pg_sessions: tuple[Any, Dialect],
+) -> None:
+    # A prepared statement moves to a generic plan after five runs, and chunks grow to
+    # 100,000 rows: in every plan the victims come from the last_activity index and
+    # are deleted by address, never by a scan of every row.
+    sql = store_module._driver_sql(pg_sessions[1], "expire")  # the text the store runs
+    plans = await _pg_plans(pg_sessions, sql, [500, 10_000, 100_000])
+    for name, plan in plans.items():
+        text = "\n".join(plan)
+        assert "Tid Scan on sessions" in text, (name, text)
+        assert "Index Scan using ix_sessions_last_activity" in text, (name, text)
+        assert "Seq Scan" not in text, (name, text)
+
+
+async def test_choosing_chunk_rows_by_id_would_scan_the_table(
+    pg_sessions: tuple[Any, Dialect],
+) -> None:
+    # The counter-example that shows the check above can fail: the statement
+    # sessionstore used before, whose generic plan hashed every row of the table.
+    victims = (
+        select(sessions.c.session_id)
+        .where(sessions.c.last_activity < bindparam("cutoff"))
+        .limit(bindparam("chunk"))
+    )
+    stmt = delete(sessions).where(sessions.c.session_id.in_(victims.scalar_subquery()))
+    sql = str(stmt.compile(dialect=pg_sessions[1]))
+    plans = await _pg_plans(pg_sessions, sql, [500])
+    assert "Seq Scan on sessions" in "\n".join(plans["force_generic_plan 500"])
