@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+import sessionstore.manager as manager_module
 from sessionstore import SessionManager
 from tests.conftest import ManagerFactory
 from tests.helpers import ManualClock, threads_left, wait_until
@@ -45,6 +46,52 @@ async def test_jump_backward_does_not_make_sessions_immortal(
     clock.advance(62)  # a timeout (and cleanup's grace) later, not a day later
     assert await manager.get("s") is None
     assert await manager.cleanup_stale_sessions() == 1
+
+
+async def test_cleanup_evicts_cached_sessions_a_slice_at_a_time(
+    make_manager: ManagerFactory, clock: ManualClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Eviction yields to the event loop between slices (10 here), so a daemon with a
+    # large cache keeps serving while it runs; what other tasks do meanwhile counts.
+    monkeypatch.setattr(manager_module, "_EVICT_SLICE", 10)
+    async with make_manager(session_timeout_secs=60, max_concurrent_sessions=0) as m:
+        await m.recovered()
+        for i in range(20):
+            await m.ensure(f"old{i:02}")
+        clock.advance(40)
+        for i in range(20):
+            await m.ensure(f"new{i:02}")
+        clock.advance(86_400)
+        await m.ensure("ahead")
+        clock.advance(-86_360)  # back a day: old 80 s idle, new 40 s, ahead in the future
+        cleaned_at = clock.now
+        sizes: list[int] = []
+
+        async def beside() -> None:
+            while True:
+                sizes.append(len(m._cache))
+                clock.advance(0.001)  # later than the cleanup's own clock
+                assert await m.update_activity("new19")  # in the last slice
+                await asyncio.sleep(0)
+
+        task = asyncio.create_task(beside())
+        try:
+            assert await m.cleanup_stale_sessions() == 20
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        # Seen part-way: slices of old sessions gone, new ones still there.
+        assert any(21 < size < 41 for size in sizes), sizes
+        assert sorted(m._cache) == [f"new{i:02}" for i in range(20)]
+        # Touched after the cleanup read its clock, and kept: its unwritten activity
+        # is the latest (a reload from the database would have lost it).
+        got = await m.get("new19")
+        assert got is not None
+        assert got.last_activity == clock.now
+        ahead = await m.get("ahead")  # reloaded: the first chunk pulled its stamp back
+        assert ahead is not None
+        assert ahead.last_activity == cleaned_at
 
 
 async def test_cancelled_writes_leave_rows_old_or_new_and_the_lock_free(
