@@ -146,6 +146,10 @@ _CLOCK_JUMP_SECS = 60.0
 #: The largest adaptive cleanup chunk (rows).
 _CHUNK_ROWS_MAX = 100_000
 
+#: Cached sessions re-read by one step of :meth:`SessionManager.refresh` (four ``IN``
+#: reads; the event loop runs other tasks between steps).
+_REFRESH_SLICE = 2048
+
 #: Cached sessions checked between two yields to the event loop by cleanup's eviction
 #: (about 1 ms of the loop's time each).
 _EVICT_SLICE = 10_000
@@ -777,25 +781,31 @@ class SessionManager:
             session_ids is None and fills_running == 0 and self._fills.started == fills_started
         )
         ids = list(self._cache if session_ids is None else session_ids)
-        seen = {sid: _created(self._cache.get(sid)) for sid in ids}
-        rows = {row.session_id: row for row in await self._store.fetch_many(ids)}
+        gone: list[str] = []
+        # A slice at a time, the event loop free between them: in one piece, 100,000
+        # cached sessions held it for 250-280 ms (measured).
+        for start in range(0, len(ids), _REFRESH_SLICE):
+            part = ids[start : start + _REFRESH_SLICE]
+            seen = {sid: _created(self._cache.get(sid)) for sid in part}
+            rows = {row.session_id: row for row in await self._store.fetch_many(part)}
+            # Gone only if the cached session is the one the read was about: one
+            # created here (again) while the read ran is not judged by it. Activity
+            # and data changes meanwhile do not make it another session.
+            deleted = [
+                sid
+                for sid in part
+                if sid not in rows
+                and seen[sid] is not None
+                and _created(self._cache.get(sid)) == seen[sid]
+            ]
+            for sid, row in rows.items():
+                if sid in self._cache:
+                    self._remember(row)
+            self._gone(deleted, "removed")
+            gone += deleted
         if vouches:
             # Every cached session has now been read, or cached, after ``marker``.
             self._fresh_as_of = marker
-        # Gone only if the cached session is the one the read was about: one created
-        # here (again) while the read ran is not judged by it. Activity and data
-        # changes meanwhile do not make it another session.
-        gone = [
-            sid
-            for sid in ids
-            if sid not in rows
-            and seen[sid] is not None
-            and _created(self._cache.get(sid)) == seen[sid]
-        ]
-        for sid, row in rows.items():
-            if sid in self._cache:
-                self._remember(row)
-        self._gone(gone, "removed")
         return gone
 
     # ----- removal notifications -----

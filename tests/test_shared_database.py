@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+import sessionstore.manager as manager_module
 from sessionstore import Session, SessionLimitError, SessionManager, VersionConflictError
 from sessionstore.store import SessionRow
 from tests.conftest import ManagerFactory
@@ -257,6 +258,47 @@ async def test_refresh_rereads_only_after_another_connection_commits(
         got = await a.get("s1")
         assert got is not None
         assert (got.data, got.version) == ({"n": 1}, 2)
+
+
+async def test_refresh_reads_a_slice_at_a_time_and_reports_every_deletion(
+    make_manager: ManagerFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Slices of 4 here (2,048 by default): other tasks run between them, so a daemon
+    # holding many sessions keeps serving while it looks.
+    monkeypatch.setattr(manager_module, "_REFRESH_SLICE", 4)
+    async with make_manager(max_concurrent_sessions=0) as a, make_manager() as b:
+        heard: list[str] = []
+        a.add_removal_listener(lambda sid, _why: heard.append(sid))
+        ids = [f"s{i:02}" for i in range(10)]
+        for sid in ids:
+            await a.ensure(sid, data={"n": 1})
+        for sid in ("s01", "s04", "s07"):  # one in each slice
+            assert await b.remove(sid)
+        await b.set_data("s09", {"n": 2})
+        reads = _count_reads(a, monkeypatch)
+        heard_meanwhile: list[int] = []
+
+        async def beside() -> None:
+            while True:
+                heard_meanwhile.append(len(heard))
+                await asyncio.sleep(0)
+
+        task = asyncio.create_task(beside())
+        try:
+            assert await a.refresh() == ["s01", "s04", "s07"]
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        assert reads[0] == 3
+        assert heard == ["s01", "s04", "s07"]
+        assert any(0 < n < 3 for n in heard_meanwhile), heard_meanwhile
+        for sid in ids:
+            got = await a.get(sid)
+            assert (got is None) == (sid in heard)
+        got = await a.get("s09")
+        assert got is not None
+        assert got.data == {"n": 2}
 
 
 async def test_refreshing_some_sessions_does_not_vouch_for_the_others(
