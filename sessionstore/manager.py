@@ -261,6 +261,8 @@ class SessionManager:
         self._fresh_as_of: object | None = None
         # Reads that will put a row into the cache (see refresh()).
         self._fills = _Fills()
+        # Counts the times such a read may have been overtaken by a write of ours.
+        self._stale_fill_marks = 0
         # Cache misses and resumes made at the same time share one query.
         self._row_loader: BatchLoader[str, SessionRow] = BatchLoader(self._fetch_rows)
         self._token_loader: BatchLoader[str, tuple[SessionRow | None, str | None]] = BatchLoader(
@@ -772,6 +774,7 @@ class SessionManager:
         """
         self._running_writer()
         fills_started, fills_running = self._fills.started, self._fills.running
+        stale_fill_marks = self._stale_fill_marks
         marker = await self._store.change_marker()
         if marker is not None and marker == self._fresh_as_of:
             return []  # no other connection has committed since the cache was last read
@@ -785,6 +788,8 @@ class SessionManager:
         # A slice at a time, the event loop free between them: in one piece, 100,000
         # cached sessions held it for 250-280 ms (measured).
         for start in range(0, len(ids), _REFRESH_SLICE):
+            if start:
+                self._running_writer()  # closed meanwhile: say so, not "store is closed"
             part = ids[start : start + _REFRESH_SLICE]
             seen = {sid: _created(self._cache.get(sid)) for sid in part}
             rows = {row.session_id: row for row in await self._store.fetch_many(part)}
@@ -803,8 +808,9 @@ class SessionManager:
                     self._remember(row)
             self._gone(deleted, "removed")
             gone += deleted
-        if vouches:
-            # Every cached session has now been read, or cached, after ``marker``.
+        if vouches and self._stale_fill_marks == stale_fill_marks:
+            # Every cached session has now been read, or cached, after ``marker``, and
+            # no read that cached one was overtaken by a write of ours meanwhile.
             self._fresh_as_of = marker
         return gone
 
@@ -862,6 +868,7 @@ class SessionManager:
         commits do not move the change marker, so let the next refresh look again."""
         if self._fills.running:
             self._fresh_as_of = None
+            self._stale_fill_marks += 1  # and a refresh running now must not vouch either
 
     async def _fetch_rows(self, session_ids: list[str]) -> dict[str, SessionRow]:
         # Counted as a whole too: a caller may join this read while it runs.

@@ -1055,10 +1055,10 @@ class SessionStore:
         The first ``chunk`` expired rows by the ``last_activity`` index, deleted by
         their physical address (``ctid``, a TID scan). Picking them by ``session_id IN
         (SELECT ... LIMIT n)`` instead let the planner choose a hash join over a
-        sequential scan of the whole table: always in the generic plan that a prepared
-        statement switches to (150-180 ms a chunk of any size at 1M rows, measured),
-        and in custom plans of large chunks. A row another transaction updates after
-        the subquery read it has a new address and is left alone. SQLite runs
+        sequential scan of the whole table: in the generic plan, which PostgreSQL may
+        switch a prepared statement to after five runs (150-180 ms a chunk of any size
+        at 1M rows, measured with ``plan_cache_mode = force_generic_plan``), and in
+        custom plans of large chunks. SQLite runs
         :meth:`expiring_statement` and :meth:`expire_upto_statement` instead: its
         ``RETURNING`` gathers every returned row into a temporary table first
         (measured: a tenth slower than reading the rows, then deleting them).
@@ -1072,9 +1072,14 @@ class SessionStore:
             .offset(literal_column("0"))  # else SQLite's compiler adds a bound "OFFSET ?"
             .correlate(None)
         )
+        # Judged again on the row deleted, in a form no index serves (the plan stays a
+        # TID scan): a row another transaction changed meanwhile is judged on its new
+        # version even where a TID scan's own recheck passes every version (PostgreSQL
+        # releases before the 2025 fix of EvalPlanQual rechecks for TID scans).
+        still_expired = sessions.c.last_activity + literal_column("0") < bindparam("again", cutoff)
         return (
             delete(sessions)
-            .where(ctid == any_(func.array(victims.scalar_subquery())))
+            .where(ctid == any_(func.array(victims.scalar_subquery())), still_expired)
             .returning(sessions.c.session_id, sessions.c.token_hash)
         )
 
@@ -1113,7 +1118,8 @@ class SessionStore:
         """Delete at most ``chunk`` rows with ``last_activity < cutoff``; their ids."""
         params = (cutoff, chunk)
         if conn.dialect.name != "sqlite":
-            return cls._bury(conn, _fetch_driver_sql(conn, "expire", params), "expired", now)
+            gone = _fetch_driver_sql(conn, "expire", (*params, cutoff))
+            return cls._bury(conn, gone, "expired", now)
         victims = _fetch_driver_sql(conn, "expiring", params)
         if victims:
             # The bound by primary key: reading it with every victim instead made
@@ -1191,7 +1197,10 @@ _DRIVER_SQL: dict[str, tuple[Callable[[str], Any], tuple[str, ...]]] = {
         ),
         ("ts", "sid"),
     ),
-    "expire": (lambda _dialect: SessionStore.expired_chunk_statement(), ("cutoff", "chunk")),
+    "expire": (
+        lambda _dialect: SessionStore.expired_chunk_statement(),
+        ("cutoff", "chunk", "again"),
+    ),
     # SQLite's cleanup chunk: its rows, the last one's place in expiry order, the DELETE.
     "expiring": (lambda _dialect: SessionStore.expiring_statement(), ("cutoff", "chunk")),
     "expiry_of": (

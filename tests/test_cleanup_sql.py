@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import sqlite3
 from collections.abc import AsyncIterator
@@ -9,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import Connection, bindparam, delete, func, insert, select
+from sqlalchemy import Connection, bindparam, delete, func, insert, literal_column, select
 from sqlalchemy.engine import Dialect, make_url
 
 import sessionstore.store as store_module
@@ -17,6 +18,7 @@ from sessionstore import SessionManager
 from sessionstore.schema import sessions
 from sessionstore.store import SessionStore
 from tests.conftest import _pg_admin
+from tests.helpers import wait_until
 
 
 async def _plan(manager: SessionManager, stmt: Any) -> list[str]:
@@ -173,8 +175,13 @@ async def pg_sessions(postgres_url: str) -> AsyncIterator[tuple[Any, Dialect]]:
         await conn.close()
 
 
-async def _pg_plans(pg: tuple[Any, Dialect], sql: str, chunks: list[int]) -> dict[str, list[str]]:
-    """The plans of ``sql`` prepared as asyncpg prepares it: generic, and custom ones."""
+async def _pg_plans(
+    pg: tuple[Any, Dialect], sql: str, chunks: list[int], args: str = "25000.0, {rows}"
+) -> dict[str, list[str]]:
+    """The plans of ``sql`` prepared as asyncpg prepares it: generic, and custom ones.
+
+    ``args`` are its arguments for a chunk of ``rows`` (a cutoff halfway up the table).
+    """
     conn, _dialect = pg
     await conn.execute(f"PREPARE chunk_delete AS {sql}")
     plans: dict[str, list[str]] = {}
@@ -183,7 +190,7 @@ async def _pg_plans(pg: tuple[Any, Dialect], sql: str, chunks: list[int]) -> dic
             await conn.execute(f"SET plan_cache_mode = {mode}")
             for rows in chunks:
                 # EXPLAIN without ANALYZE: planned, not run, so nothing is deleted.
-                plan = await conn.fetch(f"EXPLAIN EXECUTE chunk_delete(25000.0, {rows})")
+                plan = await conn.fetch(f"EXPLAIN EXECUTE chunk_delete({args.format(rows=rows)})")
                 plans[f"{mode} {rows}"] = [r[0] for r in plan]
     finally:
         await conn.execute("DEALLOCATE chunk_delete")
@@ -194,11 +201,11 @@ async def _pg_plans(pg: tuple[Any, Dialect], sql: str, chunks: list[int]) -> dic
 async def test_the_postgresql_chunk_delete_never_scans_the_table(
     pg_sessions: tuple[Any, Dialect],
 ) -> None:
-    # A prepared statement moves to a generic plan after five runs, and chunks grow to
-    # 100,000 rows: in every plan the victims come from the last_activity index and
-    # are deleted by address, never by a scan of every row.
+    # PostgreSQL may switch a prepared statement to its generic plan after five runs,
+    # and chunks grow to 100,000 rows: in every plan the victims come from the
+    # last_activity index and are deleted by address, never by a scan of every row.
     sql = store_module._driver_sql(pg_sessions[1], "expire")  # the text the store runs
-    plans = await _pg_plans(pg_sessions, sql, [500, 10_000, 100_000])
+    plans = await _pg_plans(pg_sessions, sql, [500, 10_000, 100_000], "25000.0, {rows}, 25000.0")
     for name, plan in plans.items():
         text = "\n".join(plan)
         assert "Tid Scan on sessions" in text, (name, text)
@@ -210,13 +217,58 @@ async def test_choosing_chunk_rows_by_id_would_scan_the_table(
     pg_sessions: tuple[Any, Dialect],
 ) -> None:
     # The counter-example that shows the check above can fail: the statement
-    # sessionstore used before, whose generic plan hashed every row of the table.
+    # sessionstore used until 2026-11-25, whose generic plan (on PostgreSQL 15's cost
+    # estimates) hashed every row of the table.
     victims = (
         select(sessions.c.session_id)
         .where(sessions.c.last_activity < bindparam("cutoff"))
         .limit(bindparam("chunk"))
+        .offset(literal_column("0"))
     )
-    stmt = delete(sessions).where(sessions.c.session_id.in_(victims.scalar_subquery()))
+    stmt = (
+        delete(sessions)
+        .where(sessions.c.session_id.in_(victims.scalar_subquery()))
+        .returning(sessions.c.session_id, sessions.c.token_hash)
+    )
     sql = str(stmt.compile(dialect=pg_sessions[1]))
     plans = await _pg_plans(pg_sessions, sql, [500])
     assert "Seq Scan on sessions" in "\n".join(plans["force_generic_plan 500"])
+
+
+async def test_a_row_touched_while_its_chunk_waits_for_it_is_spared(
+    pg_sessions: tuple[Any, Dialect], postgres_url: str
+) -> None:
+    # Another transaction holds row s5 (expired) and makes it live; the chunk that
+    # picked it waits for that row, then judges it on the version it finds.
+    import asyncpg
+
+    conn, dialect = pg_sessions
+    url = make_url(postgres_url)
+    other = await asyncpg.connect(
+        host=url.host, port=url.port or 5432, user=url.username, database=url.database
+    )
+    try:
+        touch = other.transaction()
+        await touch.start()
+        await other.execute("UPDATE sessions SET last_activity = 99999 WHERE session_id = 's5'")
+        sql = store_module._driver_sql(dialect, "expire")
+        chunk = asyncio.create_task(conn.fetch(sql, 100.0, 10, 100.0))  # s1..s10
+
+        async def chunk_waits() -> bool:
+            return bool(
+                await other.fetchval(
+                    "SELECT count(*) FROM pg_stat_activity "
+                    "WHERE wait_event_type = 'Lock' AND query LIKE 'DELETE FROM sessions%'"
+                )
+            )
+
+        await wait_until(chunk_waits)
+        await touch.commit()
+        deleted = sorted(row[0] for row in await chunk)
+        assert deleted == sorted(f"s{i}" for i in range(1, 11) if i != 5)
+        assert (
+            await conn.fetchval("SELECT last_activity FROM sessions WHERE session_id = 's5'")
+            == 99999
+        )
+    finally:
+        await other.close()

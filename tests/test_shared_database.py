@@ -10,7 +10,13 @@ from typing import Any
 import pytest
 
 import sessionstore.manager as manager_module
-from sessionstore import Session, SessionLimitError, SessionManager, VersionConflictError
+from sessionstore import (
+    ManagerClosedError,
+    Session,
+    SessionLimitError,
+    SessionManager,
+    VersionConflictError,
+)
 from sessionstore.store import SessionRow
 from tests.conftest import ManagerFactory
 from tests.helpers import ManualClock, wait_until
@@ -299,6 +305,81 @@ async def test_refresh_reads_a_slice_at_a_time_and_reports_every_deletion(
         got = await a.get("s09")
         assert got is not None
         assert got.data == {"n": 2}
+
+
+async def test_a_write_of_ours_during_a_refresh_cannot_hide_a_stale_fill_from_the_next(
+    make_manager: ManagerFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A refresh is part-way through its slices; a cache miss reads X; our own remove
+    # of X commits before that read lands in the cache (so it caches X as it was). Our
+    # commits do not move the change marker: the refresh must not vouch for the cache.
+    monkeypatch.setattr(manager_module, "_REFRESH_SLICE", 1)
+    async with make_manager(max_concurrent_sessions=0) as a, make_manager() as b:
+        for i in range(3):
+            await a.ensure(f"c{i}")
+        await b.ensure("X")  # another connection commits: the refresh reads
+        real_fetch = a.store.fetch_many
+        in_slices, slices_go_on = asyncio.Event(), asyncio.Event()
+        fill_read, fill_go_on = asyncio.Event(), asyncio.Event()
+
+        async def held(session_ids: list[str]) -> list[SessionRow]:
+            rows = await real_fetch(session_ids)
+            if "X" in session_ids:  # the cache miss
+                fill_read.set()
+                await fill_go_on.wait()
+            else:  # a slice of the refresh
+                in_slices.set()
+                await slices_go_on.wait()
+            return rows
+
+        monkeypatch.setattr(a.store, "fetch_many", held)
+        refreshing = asyncio.create_task(a.refresh())
+        await in_slices.wait()
+        getting = asyncio.create_task(a.get("X"))
+        await fill_read.wait()
+        assert await a.remove("X")
+        fill_go_on.set()
+        stale = await getting
+        assert stale is not None  # read before the remove: X as it was
+        slices_go_on.set()
+        assert await refreshing == []
+        assert await a.refresh() == ["X"]  # looked again
+        assert await a.get("X") is None
+
+
+async def test_a_refresh_cut_short_vouches_for_nothing(
+    make_manager: ManagerFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(manager_module, "_REFRESH_SLICE", 2)
+    async with make_manager(max_concurrent_sessions=0) as a, make_manager() as b:
+        for sid in ("s0", "s1", "s2", "s3"):
+            await a.ensure(sid)
+        assert await b.remove("s3")  # in the second slice
+        read_done, _go_on = _hold_next_read(a, monkeypatch)
+        refreshing = asyncio.create_task(a.refresh())
+        await read_done.wait()  # the first slice read; never let go of
+        refreshing.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await refreshing
+        assert await a.refresh() == ["s3"]
+        assert await a.get("s3") is None
+
+
+async def test_a_refresh_overtaken_by_aclose_says_the_manager_is_closed(
+    make_manager: ManagerFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(manager_module, "_REFRESH_SLICE", 2)
+    async with make_manager(max_concurrent_sessions=0) as a, make_manager() as b:
+        for sid in ("s0", "s1", "s2", "s3"):
+            await a.ensure(sid)
+        await b.ensure("other")  # another connection commits: the refresh reads
+        read_done, go_on = _hold_next_read(a, monkeypatch)
+        refreshing = asyncio.create_task(a.refresh())
+        await read_done.wait()
+        await a.aclose()
+        go_on.set()
+        with pytest.raises(ManagerClosedError):
+            await refreshing
 
 
 async def test_refreshing_some_sessions_does_not_vouch_for_the_others(
