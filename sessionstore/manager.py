@@ -792,20 +792,23 @@ class SessionManager:
                 self._running_writer()  # closed meanwhile: say so, not "store is closed"
             part = ids[start : start + _REFRESH_SLICE]
             seen = {sid: _created(self._cache.get(sid)) for sid in part}
-            rows = {row.session_id: row for row in await self._store.fetch_many(part)}
+            found, changed = await self._refresh_heads(part)
             # Gone only if the cached session is the one the read was about: one
             # created here (again) while the read ran is not judged by it. Activity
             # and data changes meanwhile do not make it another session.
             deleted = [
                 sid
                 for sid in part
-                if sid not in rows
+                if sid not in found
                 and seen[sid] is not None
                 and _created(self._cache.get(sid)) == seen[sid]
             ]
-            for sid, row in rows.items():
-                if sid in self._cache:
-                    self._remember(row)
+            if changed:
+                # Their data, in a second read: one deleted in between is found by the
+                # next refresh (the change marker moved after ``marker``).
+                for row in await self._store.fetch_many(changed):
+                    if row.session_id in self._cache:
+                        self._remember(row)
             self._gone(deleted, "removed")
             gone += deleted
         if vouches and self._stale_fill_marks == stale_fill_marks:
@@ -813,6 +816,29 @@ class SessionManager:
             # no read that cached one was overtaken by a write of ours meanwhile.
             self._fresh_as_of = marker
         return gone
+
+    async def _refresh_heads(self, session_ids: list[str]) -> tuple[set[str], list[str]]:
+        """Read the heads of these sessions' rows; bring cached copies up to date.
+
+        A copy of the same incarnation (``created_at``) at the row's version or later
+        is current but for activity, which is taken when the row's is later: no data
+        read, nothing made but the new stamp. Returns the ids found, and the cached
+        ones whose row is of another incarnation or version (their data is read next).
+        """
+        cache, head = self._cache, _HEAD.unpack_from
+        found: set[str] = set()
+        changed: list[str] = []
+        for sid, created_at, last_activity, version in await self._store.fetch_heads(session_ids):
+            found.add(sid)
+            entry = cache.get(sid)
+            if entry is None:
+                continue
+            cached_at, cached_last, cached_version = head(entry)
+            if cached_at != created_at or cached_version < version:
+                changed.append(sid)
+            elif last_activity > cached_last:
+                cache[sid] = _touched(entry, last_activity)
+        return found, changed
 
     # ----- removal notifications -----
 

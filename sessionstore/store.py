@@ -900,6 +900,14 @@ class SessionStore:
         )
         return list((await self.read(lambda conn: conn.execute(stmt))).scalars())
 
+    async def fetch_heads(self, session_ids: Sequence[str]) -> list[tuple[str, float, float, int]]:
+        """``(session_id, created_at, last_activity, version)`` of the rows that still
+        exist among ``session_ids``: what tells whether a cached copy is current,
+        without the data (:func:`_select_in`)."""
+        if not session_ids:
+            return []
+        return await self.read(lambda conn: conn.run_sync(_select_in, "heads", session_ids))
+
     async def fetch_many(self, session_ids: Sequence[str]) -> list[SessionRow]:
         """The rows that still exist among ``session_ids`` (:func:`_select_in`)."""
         if not session_ids:
@@ -1262,6 +1270,9 @@ def _driver_cursor(conn: Connection) -> contextlib.closing[DBAPICursor]:
 #: tombstones by token hash. Keys are ``k0``, ``k1``, ...
 _IN_READS: dict[str, Callable[[list[Any]], Any]] = {
     "rows": lambda keys: select(*_COLUMNS).where(sessions.c.session_id.in_(keys)),
+    "heads": lambda keys: select(
+        sessions.c.session_id, sessions.c.created_at, sessions.c.last_activity, sessions.c.version
+    ).where(sessions.c.session_id.in_(keys)),
     "token_rows": lambda keys: select(sessions.c.token_hash, *_COLUMNS).where(
         sessions.c.token_hash.in_(keys)
     ),

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
 
 import pytest
 
@@ -22,6 +22,8 @@ from tests.conftest import ManagerFactory
 from tests.helpers import ManualClock, wait_until
 
 pytestmark = pytest.mark.contract
+
+T = TypeVar("T")
 
 
 async def test_a_session_created_by_one_is_served_by_the_other(
@@ -144,6 +146,40 @@ async def test_refresh_picks_up_data_changed_elsewhere(make_manager: ManagerFact
             await a.set_data("s", {"v": 99}, if_version=2)
 
 
+async def test_refresh_reads_the_data_only_of_sessions_changed_elsewhere(
+    make_manager: ManagerFactory, clock: ManualClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with make_manager() as a, make_manager() as b:
+        for sid in ("same", "touched", "changed", "reborn"):
+            await a.ensure(sid, data={"v": 1})
+        clock.advance(10)
+        assert await b.update_activity("touched")
+        await b.list_ids()  # B's activity written
+        await b.set_data("changed", {"v": 2})
+        assert await b.remove("reborn")
+        await b.ensure("reborn", data={"v": 3})  # another session of the same id
+        data_reads: list[list[str]] = []
+        real_fetch = a.store.fetch_many
+
+        async def recorded(session_ids: list[str]) -> list[SessionRow]:
+            data_reads.append(sorted(session_ids))
+            return await real_fetch(session_ids)
+
+        monkeypatch.setattr(a.store, "fetch_many", recorded)
+        assert await a.refresh() == []
+        assert data_reads == [["changed", "reborn"]]  # activity alone needs no data
+        touched = await a.get("touched")
+        assert touched is not None
+        assert touched.last_activity == clock.now
+        changed = await a.get("changed")
+        assert changed is not None
+        assert (changed.data, changed.version) == ({"v": 2}, 2)
+        reborn = await a.get("reborn")
+        assert reborn is not None
+        assert (reborn.data, reborn.created_at) == ({"v": 3}, clock.now)
+        assert data_reads == [["changed", "reborn"]]  # served from the cache since
+
+
 async def test_a_version_conflict_refreshes_the_stale_cache(make_manager: ManagerFactory) -> None:
     async with make_manager() as a, make_manager() as b:
         await a.ensure("s", data={"n": 0})
@@ -160,22 +196,26 @@ async def test_a_version_conflict_refreshes_the_stale_cache(make_manager: Manage
 def _hold_next_read(
     m: SessionManager, monkeypatch: pytest.MonkeyPatch
 ) -> tuple[asyncio.Event, asyncio.Event]:
-    """Hold the manager's next read of rows after it has read (a real read).
+    """Hold the manager's next read of rows after it has read (a real read): of whole
+    rows (a cache miss) or of their heads (a refresh).
 
     Returns ``(read_done, go_on)``: the first is set once the read is done, setting
     the second lets its result go on. Later reads are not held.
     """
-    real_fetch = m.store.fetch_many
     read_done, go_on = asyncio.Event(), asyncio.Event()
 
-    async def first_read_held(session_ids: list[str]) -> list[SessionRow]:
-        rows = await real_fetch(session_ids)
-        if not read_done.is_set():
-            read_done.set()
-            await go_on.wait()
-        return rows
+    def held(real: Callable[[list[str]], Awaitable[T]]) -> Callable[[list[str]], Awaitable[T]]:
+        async def first_read_held(session_ids: list[str]) -> T:
+            rows = await real(session_ids)
+            if not read_done.is_set():
+                read_done.set()
+                await go_on.wait()
+            return rows
 
-    monkeypatch.setattr(m.store, "fetch_many", first_read_held)
+        return first_read_held
+
+    monkeypatch.setattr(m.store, "fetch_many", held(m.store.fetch_many))
+    monkeypatch.setattr(m.store, "fetch_heads", held(m.store.fetch_heads))
     return read_done, go_on
 
 
@@ -229,15 +269,16 @@ async def test_a_session_removed_elsewhere_is_found_gone_despite_activity_during
 
 
 def _count_reads(m: SessionManager, monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """Count the manager's re-reads (the real read still runs); ``[n]``."""
-    real_fetch = m.store.fetch_many
+    """Count the manager's re-reads of cached sessions, one a slice (the real read
+    still runs); ``[n]``."""
+    real_fetch = m.store.fetch_heads
     reads = [0]
 
-    async def counted(session_ids: list[str]) -> list[SessionRow]:
+    async def counted(session_ids: list[str]) -> list[tuple[str, float, float, int]]:
         reads[0] += 1
         return await real_fetch(session_ids)
 
-    monkeypatch.setattr(m.store, "fetch_many", counted)
+    monkeypatch.setattr(m.store, "fetch_heads", counted)
     return reads
 
 
@@ -318,21 +359,24 @@ async def test_a_write_of_ours_during_a_refresh_cannot_hide_a_stale_fill_from_th
         for i in range(3):
             await a.ensure(f"c{i}")
         await b.ensure("X")  # another connection commits: the refresh reads
-        real_fetch = a.store.fetch_many
+        real_fetch, real_heads = a.store.fetch_many, a.store.fetch_heads
         in_slices, slices_go_on = asyncio.Event(), asyncio.Event()
         fill_read, fill_go_on = asyncio.Event(), asyncio.Event()
 
-        async def held(session_ids: list[str]) -> list[SessionRow]:
+        async def fill_held(session_ids: list[str]) -> list[SessionRow]:
             rows = await real_fetch(session_ids)
-            if "X" in session_ids:  # the cache miss
-                fill_read.set()
-                await fill_go_on.wait()
-            else:  # a slice of the refresh
-                in_slices.set()
-                await slices_go_on.wait()
+            fill_read.set()
+            await fill_go_on.wait()
             return rows
 
-        monkeypatch.setattr(a.store, "fetch_many", held)
+        async def slice_held(session_ids: list[str]) -> list[tuple[str, float, float, int]]:
+            heads = await real_heads(session_ids)
+            in_slices.set()
+            await slices_go_on.wait()
+            return heads
+
+        monkeypatch.setattr(a.store, "fetch_many", fill_held)
+        monkeypatch.setattr(a.store, "fetch_heads", slice_held)
         refreshing = asyncio.create_task(a.refresh())
         await in_slices.wait()
         getting = asyncio.create_task(a.get("X"))

@@ -149,6 +149,12 @@ async def test_lookups_by_many_keys_find_exactly_the_rows_that_exist(
         got = [r.session_id for r in await store.fetch_many(some)]
         assert sorted(got) == sorted(sid for sid in set(some) if sid in ids and sid != ids[3])
     assert await store.fetch_many([]) == []
+    heads = await store.fetch_heads(keys)
+    assert len(heads) == 6
+    assert {tuple(h) for h in heads} == {
+        (r.session_id, r.created_at, r.last_activity, r.version) for r in rows
+    }
+    assert await store.fetch_heads([]) == []
     digests = [hash_token(t) for t in tokens.values()]
     found = await store.resume_lookup([*(f"{i:064x}" for i in range(700)), *digests, digests[0]])
     assert set(found) == set(digests)
@@ -166,5 +172,7 @@ async def test_lookups_by_many_keys_find_exactly_the_rows_that_exist(
         await conn.execute(text(f"DROP TABLE sessions{cascade}"))
     with pytest.raises(StorageError):
         await store.fetch_many(ids)
+    with pytest.raises(StorageError):
+        await store.fetch_heads(ids)
     with pytest.raises(StorageError):
         await store.resume_lookup(digests)
