@@ -113,6 +113,12 @@ def _last(entry: _Entry) -> float:
     return float(_TIME.unpack_from(entry, 8)[0])
 
 
+def _copy_of(entry: _Entry) -> tuple[float, int]:
+    """Which copy of a session an entry holds: its ``(created_at, version)``."""
+    created_at, _last, version = _HEAD.unpack_from(entry)
+    return created_at, version
+
+
 def _touched(entry: _Entry, last_activity: float) -> _Entry:
     return entry[:8] + _TIME.pack(last_activity) + entry[16:]
 
@@ -805,9 +811,12 @@ class SessionManager:
             ]
             if changed:
                 # Their data, in a second read: one deleted in between is found by the
-                # next refresh (the change marker moved after ``marker``).
-                for row in await self._store.fetch_many(changed):
-                    if row.session_id in self._cache:
+                # next refresh (the change marker moved after ``marker``). A row goes
+                # only onto the copy its head was compared with: one that a write of
+                # ours replaced or removed meanwhile is newer than this read.
+                for row in await self._store.fetch_many(list(changed)):
+                    entry = self._cache.get(row.session_id)
+                    if entry is not None and _copy_of(entry) == changed[row.session_id]:
                         self._remember(row)
             self._gone(deleted, "removed")
             gone += deleted
@@ -817,17 +826,23 @@ class SessionManager:
             self._fresh_as_of = marker
         return gone
 
-    async def _refresh_heads(self, session_ids: list[str]) -> tuple[set[str], list[str]]:
+    async def _refresh_heads(
+        self, session_ids: list[str]
+    ) -> tuple[set[str], dict[str, tuple[float, int]]]:
         """Read the heads of these sessions' rows; bring cached copies up to date.
 
-        A copy of the same incarnation (``created_at``) at the row's version or later
-        is current but for activity, which is taken when the row's is later: no data
-        read, nothing made but the new stamp. Returns the ids found, and the cached
-        ones whose row is of another incarnation or version (their data is read next).
+        A copy with the row's ``created_at`` (the same session, not one created again
+        under its id) at the row's version or later is current but for activity,
+        which is taken when the row's is later: no data read, nothing made but the new
+        stamp. (A session removed and created again elsewhere at the very same clock
+        reading, and at the same version, passes for the one cached: only a clock
+        coarser than the time between the two can do that.) Returns the ids found, and
+        the cached copies, as ``(created_at, version)``, whose rows differ from them
+        (their data is read next).
         """
         cache, head = self._cache, _HEAD.unpack_from
         found: set[str] = set()
-        changed: list[str] = []
+        changed: dict[str, tuple[float, int]] = {}
         for sid, created_at, last_activity, version in await self._store.fetch_heads(session_ids):
             found.add(sid)
             entry = cache.get(sid)
@@ -835,7 +850,7 @@ class SessionManager:
                 continue
             cached_at, cached_last, cached_version = head(entry)
             if cached_at != created_at or cached_version < version:
-                changed.append(sid)
+                changed[sid] = (cached_at, cached_version)
             elif last_activity > cached_last:
                 cache[sid] = _touched(entry, last_activity)
         return found, changed

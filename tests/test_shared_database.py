@@ -180,6 +180,81 @@ async def test_refresh_reads_the_data_only_of_sessions_changed_elsewhere(
         assert data_reads == [["changed", "reborn"]]  # served from the cache since
 
 
+def _hold_data_read(
+    m: SessionManager, monkeypatch: pytest.MonkeyPatch
+) -> tuple[asyncio.Event, asyncio.Event]:
+    """Hold the manager's next read of whole rows after it has read: in a refresh, the
+    data read of the sessions whose heads showed a change. ``(read_done, go_on)``."""
+    real_fetch = m.store.fetch_many
+    read_done, go_on = asyncio.Event(), asyncio.Event()
+
+    async def held(session_ids: list[str]) -> list[SessionRow]:
+        rows = await real_fetch(session_ids)
+        if not read_done.is_set():
+            read_done.set()
+            await go_on.wait()
+        return rows
+
+    monkeypatch.setattr(m.store, "fetch_many", held)
+    return read_done, go_on
+
+
+@pytest.mark.parametrize("ours", ["set_data", "remove", "create again"])
+async def test_a_write_of_ours_during_the_data_read_is_not_rolled_back(
+    make_manager: ManagerFactory,
+    clock: ManualClock,
+    monkeypatch: pytest.MonkeyPatch,
+    ours: str,
+) -> None:
+    # B changed s, so A's refresh reads its data; a write of A's own commits while
+    # that read is under way: the cache keeps A's write, which is the newer.
+    async with make_manager() as a, make_manager() as b:
+        await a.ensure("s", data={"n": 0})
+        await b.set_data("s", {"n": 1})
+        read_done, go_on = _hold_data_read(a, monkeypatch)
+        refreshing = asyncio.create_task(a.refresh(["s"]))
+        await read_done.wait()
+        if ours == "set_data":
+            assert (await a.set_data("s", {"n": 2})).version == 3
+        else:
+            assert await a.remove("s")
+            if ours == "create again":
+                clock.advance(1)
+                await a.ensure("s", data={"n": 9})
+        go_on.set()
+        assert await refreshing == []
+        got = await a.get("s")
+        if ours == "set_data":
+            assert got is not None
+            assert (got.data, got.version) == ({"n": 2}, 3)
+        elif ours == "remove":
+            assert got is None
+        else:
+            assert got is not None
+            assert (got.data, got.created_at) == ({"n": 9}, clock.now)
+
+
+async def test_a_session_deleted_between_the_two_reads_is_found_by_the_next_refresh(
+    make_manager: ManagerFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with make_manager() as a, make_manager() as b:
+        await a.ensure("s", data={"n": 0})
+        await a.ensure("t", data={"n": 0})
+        await b.set_data("s", {"n": 1})
+        real_heads = a.store.fetch_heads
+
+        async def heads_then_removed(session_ids: list[str]) -> list[Any]:
+            heads = await real_heads(session_ids)
+            assert await b.remove("s")  # before the data read
+            return heads
+
+        monkeypatch.setattr(a.store, "fetch_heads", heads_then_removed)
+        assert await a.refresh() == []
+        monkeypatch.setattr(a.store, "fetch_heads", real_heads)
+        assert await a.refresh() == ["s"]
+        assert await a.get("s") is None
+
+
 async def test_a_version_conflict_refreshes_the_stale_cache(make_manager: ManagerFactory) -> None:
     async with make_manager() as a, make_manager() as b:
         await a.ensure("s", data={"n": 0})
