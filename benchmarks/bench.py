@@ -90,7 +90,7 @@ CHUNK_DELETE_SQL = (
 COLUMNS = "session_id, created_at, last_activity, data, version"
 COLUMN_NAMES = ("session_id", "created_at", "last_activity", "data", "version")
 DEFAULT_POSTGRES_URL = "postgresql+asyncpg://postgres@127.0.0.1:5432/test"
-SCENARIOS = ("create", "touch", "get", "cleanup", "restart", "latency", "memory")
+SCENARIOS = ("create", "touch", "get", "cleanup", "restart", "latency", "memory", "stalls")
 
 
 @dataclass(frozen=True)
@@ -105,10 +105,11 @@ class Sizes:
     big: int  # rows of the big database (cleanup, restart, latency)
     memory: int  # sessions for the memory figure
     repeats: int  # restart and cleanup measurements (median)
+    cached: int  # sessions a manager holds for the event-loop stall figures
 
 
-FULL = Sizes(3.0, 256, 16, 10_000, 10_000, 1_000_000, 50_000, 3)
-QUICK = Sizes(0.4, 256, 16, 2_000, 1_000, 20_000, 5_000, 3)
+FULL = Sizes(3.0, 256, 16, 10_000, 10_000, 1_000_000, 50_000, 3, 100_000)
+QUICK = Sizes(0.4, 256, 16, 2_000, 1_000, 20_000, 5_000, 3, 5_000)
 
 
 class Clock:
@@ -2193,6 +2194,133 @@ async def redis_memory(ctx: Context, session_ids: Sequence[str]) -> float:
     return (after - before) / len(keys)
 
 
+# ----- 8. event-loop stalls with a large cache (information) -----
+
+
+async def longest_stall(work: Awaitable[T]) -> tuple[float, float, T]:
+    """Run ``work`` beside a task that wakes every millisecond: (the longest time that
+    task waited beyond its millisecond, the seconds ``work`` took, its result).
+
+    What any other connection of a daemon would wait for at worst meanwhile. The
+    ticker sleeps rather than spins: a task that never lets the loop idle would keep
+    the GIL from the database driver's thread and slow ``work`` itself.
+    """
+    stalls: list[float] = []
+    done = asyncio.Event()
+
+    async def ticker() -> None:
+        last = time.perf_counter()
+        while not done.is_set():
+            await asyncio.sleep(0.001)
+            now = time.perf_counter()
+            stalls.append(now - last - 0.001)
+            last = now
+
+    ticking = asyncio.create_task(ticker())
+    await asyncio.sleep(0.005)
+    started = time.perf_counter()
+    try:
+        result = await work
+    finally:
+        seconds = time.perf_counter() - started
+        done.set()
+        await ticking
+    return max(stalls, default=0.0), seconds, result
+
+
+@dataclass
+class Stalls:
+    """Longest event-loop stalls (s) and durations (s) with ``cached`` sessions held."""
+
+    cached: int
+    cleanup_stall: float
+    cleanup_seconds: float
+    refresh_stall: float
+    refresh_seconds: float
+
+
+async def ss_stalls(ctx: Context, database: Path | str) -> Stalls:
+    """A manager holding ``sizes.cached`` sessions: an idle cleanup pass, and a refresh
+    after another connection (a second manager) committed.
+
+    ``database`` is an empty migrated SQLite file or the PostgreSQL URL.
+    """
+    n = ctx.sizes.cached
+    manager = make_manager(database, Clock(BASE), background_tasks=False)
+    other = make_manager(database, Clock(BASE), background_tasks=False)
+    await manager.start()
+    await other.start()
+    try:
+
+        async def create(_item: Any) -> None:
+            await manager.ensure(data=DATA)
+
+        await fixed_work(ctx.sizes.tasks, [None] * n, create)
+        collected()
+        cleanup_stall, cleanup_seconds, _ = await longest_stall(manager.cleanup_stale_sessions())
+        await other.ensure(data=DATA)  # on SQLite, what makes the refresh read at all
+        collected()
+        refresh_stall, refresh_seconds, gone = await longest_stall(manager.refresh())
+        if gone:
+            raise RuntimeError(f"refresh found {len(gone)} sessions gone, expected none")
+        cached = (await manager.get_session_metrics())["cached_sessions"]
+    finally:
+        await other.aclose()
+        await manager.aclose()
+    return Stalls(cached, cleanup_stall, cleanup_seconds, refresh_stall, refresh_seconds)
+
+
+async def pg_stalls(ctx: Context, pg: PgSide) -> Stalls:
+    """:func:`ss_stalls` on PostgreSQL (an emptied table)."""
+    await pg.load([], lambda _i: BASE)
+    stalls = await ss_stalls(ctx, pg.url)
+    pg.state = None
+    return stalls
+
+
+async def scenario_stalls(ctx: Context) -> None:
+    """The longest the event loop is held by work on every cached session (information).
+
+    Cleanup evicts the cached sessions that are not live, and a refresh re-reads the
+    cached sessions once another connection has committed (on PostgreSQL, always):
+    both in slices, the loop free between them. Not a target of issue 4.
+    """
+    local = await ss_stalls(ctx, await ctx.fresh_db("stalls.db"))
+    on_pg = await ctx.on_pg("stalls", functools.partial(pg_stalls, ctx))
+    n = local.cached
+
+    def took(ss: float, pg: float | None) -> str:
+        return f"{ss * 1e3:.1f} ms" + (f" (on PostgreSQL {pg * 1e3:.1f} ms)" if pg else "")
+
+    ctx.add(
+        Row(
+            "8a",
+            f"longest loop stall, idle cleanup, {n:,} cached",
+            "ms",
+            local.cleanup_stall * 1e3,
+            None,
+            None,
+            "how much longer than its millisecond a task beside it waited at worst; the "
+            "cleanup pass (nothing to delete) took "
+            + took(local.cleanup_seconds, on_pg.cleanup_seconds if on_pg else None),
+            pg=on_pg.cleanup_stall * 1e3 if on_pg is not None else None,
+        )
+    )
+    ctx.add(
+        Row(
+            "8b",
+            f"longest loop stall, refresh, {n:,} cached",
+            "ms",
+            local.refresh_stall * 1e3,
+            None,
+            None,
+            "after another connection committed (none of the sessions changed); the "
+            "refresh took " + took(local.refresh_seconds, on_pg.refresh_seconds if on_pg else None),
+            pg=on_pg.refresh_stall * 1e3 if on_pg is not None else None,
+        )
+    )
+
+
 # ----- main -----
 
 RUNNERS: dict[str, Callable[[Context], Awaitable[None]]] = {
@@ -2203,6 +2331,7 @@ RUNNERS: dict[str, Callable[[Context], Awaitable[None]]] = {
     "restart": scenario_restart,
     "latency": scenario_latency,
     "memory": scenario_memory,
+    "stalls": scenario_stalls,
 }
 
 
