@@ -2248,9 +2248,9 @@ async def ss_stalls(ctx: Context, database: Path | str) -> Stalls:
     n = ctx.sizes.cached
     manager = make_manager(database, Clock(BASE), background_tasks=False)
     other = make_manager(database, Clock(BASE), background_tasks=False)
-    await manager.start()
-    await other.start()
     try:
+        await manager.start()
+        await other.start()
 
         async def create(_item: Any) -> None:
             await manager.ensure(data=DATA)

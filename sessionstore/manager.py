@@ -812,11 +812,15 @@ class SessionManager:
             if changed:
                 # Their data, in a second read: one deleted in between is found by the
                 # next refresh (the change marker moved after ``marker``). A row goes
-                # only onto the copy its head was compared with: one that a write of
-                # ours replaced or removed meanwhile is newer than this read.
+                # onto the same session's copy (``_remember`` keeps the later version),
+                # or onto the copy its head was compared with; not onto a session that
+                # a write of ours removed, or created again, while it was read.
                 for row in await self._store.fetch_many(list(changed)):
                     entry = self._cache.get(row.session_id)
-                    if entry is not None and _copy_of(entry) == changed[row.session_id]:
+                    if entry is not None and (
+                        _created(entry) == row.created_at
+                        or _copy_of(entry) == changed[row.session_id]
+                    ):
                         self._remember(row)
             self._gone(deleted, "removed")
             gone += deleted

@@ -234,6 +234,71 @@ async def test_a_write_of_ours_during_the_data_read_is_not_rolled_back(
             assert (got.data, got.created_at) == ({"n": 9}, clock.now)
 
 
+async def test_overlapping_refreshes_leave_the_latest_version_cached(
+    make_manager: ManagerFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Refresh R1 reads version 2's data; B writes version 3; refresh R2 reads that; R1
+    # applies version 2, then R2 must still apply version 3 (and may vouch for it).
+    async with make_manager() as a, make_manager() as b:
+        await a.ensure("s", data={"n": 0})
+        await b.set_data("s", {"n": 1})  # version 2
+        real_fetch = a.store.fetch_many
+        held = [(asyncio.Event(), asyncio.Event()), (asyncio.Event(), asyncio.Event())]
+        calls = [0]
+
+        async def data_read_held(session_ids: list[str]) -> list[SessionRow]:
+            call = calls[0]
+            calls[0] += 1
+            rows = await real_fetch(session_ids)
+            if call < len(held):
+                read_done, go_on = held[call]
+                read_done.set()
+                await go_on.wait()
+            return rows
+
+        monkeypatch.setattr(a.store, "fetch_many", data_read_held)
+        first = asyncio.create_task(a.refresh())
+        await held[0][0].wait()
+        await b.set_data("s", {"n": 2})  # version 3
+        second = asyncio.create_task(a.refresh())
+        await held[1][0].wait()
+        held[0][1].set()
+        assert await first == []
+        held[1][1].set()
+        assert await second == []
+        await a.refresh()
+        got = await a.get("s")
+        assert got is not None
+        assert (got.data, got.version) == ({"n": 2}, 3)
+
+
+async def test_a_newer_write_elsewhere_after_ours_during_the_data_read_is_taken(
+    make_manager: ManagerFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with make_manager() as a, make_manager() as b:
+        await a.ensure("s", data={"n": 0})
+        await b.set_data("s", {"n": 1})  # version 2: A's refresh reads its data
+        real_fetch = a.store.fetch_many
+        reading, go_on = asyncio.Event(), asyncio.Event()
+
+        async def read_after_both_writes(session_ids: list[str]) -> list[SessionRow]:
+            reading.set()
+            await go_on.wait()
+            return await real_fetch(session_ids)
+
+        monkeypatch.setattr(a.store, "fetch_many", read_after_both_writes)
+        refreshing = asyncio.create_task(a.refresh(["s"]))
+        await reading.wait()
+        assert (await a.set_data("s", {"a": 1})).version == 3
+        assert (await b.set_data("s", {"b": 1})).version == 4
+        go_on.set()
+        assert await refreshing == []
+        got, theirs = await a.get("s"), await b.get("s")
+        assert got is not None
+        assert theirs is not None
+        assert (got.data, got.version) == (theirs.data, 4)
+
+
 async def test_a_session_deleted_between_the_two_reads_is_found_by_the_next_refresh(
     make_manager: ManagerFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
