@@ -26,6 +26,13 @@ pytestmark = pytest.mark.contract
 T = TypeVar("T")
 
 
+async def _data_and_version(m: SessionManager, session_id: str) -> tuple[Any, int]:
+    """The data and version that ``m`` serves for a session it must hold."""
+    got = await m.get(session_id)
+    assert got is not None, session_id
+    return got.data, got.version
+
+
 async def test_a_session_created_by_one_is_served_by_the_other(
     make_manager: ManagerFactory,
 ) -> None:
@@ -137,9 +144,7 @@ async def test_refresh_picks_up_data_changed_elsewhere(make_manager: ManagerFact
         await a.ensure("s", data={"v": 1})
         await b.set_data("s", {"v": 2})
         assert await a.refresh() == []
-        got = await a.get("s")
-        assert got is not None
-        assert (got.data, got.version) == ({"v": 2}, 2)
+        assert await _data_and_version(a, "s") == ({"v": 2}, 2)
         # Compare-and-set is decided by the database, not by a stale cache.
         await b.set_data("s", {"v": 3})
         with pytest.raises(VersionConflictError):
@@ -267,9 +272,7 @@ async def test_overlapping_refreshes_leave_the_latest_version_cached(
         held[1][1].set()
         assert await second == []
         await a.refresh()
-        got = await a.get("s")
-        assert got is not None
-        assert (got.data, got.version) == ({"n": 2}, 3)
+        assert await _data_and_version(a, "s") == ({"n": 2}, 3)
 
 
 async def test_a_newer_write_elsewhere_after_ours_during_the_data_read_is_taken(
@@ -293,10 +296,9 @@ async def test_a_newer_write_elsewhere_after_ours_during_the_data_read_is_taken(
         assert (await b.set_data("s", {"b": 1})).version == 4
         go_on.set()
         assert await refreshing == []
-        got, theirs = await a.get("s"), await b.get("s")
-        assert got is not None
-        assert theirs is not None
-        assert (got.data, got.version) == (theirs.data, 4)
+        theirs = await _data_and_version(b, "s")
+        assert theirs[1] == 4
+        assert await _data_and_version(a, "s") == theirs
 
 
 async def test_a_session_deleted_between_the_two_reads_is_found_by_the_next_refresh(
@@ -389,9 +391,7 @@ async def test_a_read_that_began_before_a_write_does_not_roll_the_cache_back(
         async with _refresh_held_after_its_read(m, monkeypatch, ["s"]) as refreshing:
             assert (await m.set_data("s", {"n": 1})).version == 2  # the read saw version 1
         assert await refreshing == []
-        got = await m.get("s")
-        assert got is not None
-        assert (got.data, got.version) == ({"n": 1}, 2)
+        assert await _data_and_version(m, "s") == ({"n": 1}, 2)
 
 
 async def test_a_session_removed_elsewhere_is_found_gone_despite_activity_during_the_read(
@@ -442,9 +442,7 @@ async def test_refresh_rereads_only_after_another_connection_commits(
         assert await a.refresh() == ["s2"]
         assert await a.refresh() == []
         assert reads[0] == (1 if backend == "sqlite" else 3)
-        got = await a.get("s1")
-        assert got is not None
-        assert (got.data, got.version) == ({"n": 1}, 2)
+        assert await _data_and_version(a, "s1") == ({"n": 1}, 2)
 
 
 async def test_refresh_reads_a_slice_at_a_time_and_reports_every_deletion(
@@ -531,39 +529,29 @@ async def test_a_write_of_ours_during_a_refresh_cannot_hide_a_stale_fill_from_th
         assert await a.get("X") is None
 
 
-async def test_a_refresh_cut_short_vouches_for_nothing(
-    make_manager: ManagerFactory, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("cut", ["cancelled", "aclose"])
+async def test_a_refresh_cut_short_vouches_for_nothing_and_says_why(
+    make_manager: ManagerFactory, monkeypatch: pytest.MonkeyPatch, cut: str
 ) -> None:
     monkeypatch.setattr(manager_module, "_REFRESH_SLICE", 2)
     async with make_manager(max_concurrent_sessions=0) as a, make_manager() as b:
         for sid in ("s0", "s1", "s2", "s3"):
             await a.ensure(sid)
         assert await b.remove("s3")  # in the second slice
-        read_done, _go_on = _hold_next_read(a, monkeypatch)
-        refreshing = asyncio.create_task(a.refresh())
-        await read_done.wait()  # the first slice read; never let go of
-        refreshing.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await refreshing
-        assert await a.refresh() == ["s3"]
-        assert await a.get("s3") is None
-
-
-async def test_a_refresh_overtaken_by_aclose_says_the_manager_is_closed(
-    make_manager: ManagerFactory, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(manager_module, "_REFRESH_SLICE", 2)
-    async with make_manager(max_concurrent_sessions=0) as a, make_manager() as b:
-        for sid in ("s0", "s1", "s2", "s3"):
-            await a.ensure(sid)
-        await b.ensure("other")  # another connection commits: the refresh reads
         read_done, go_on = _hold_next_read(a, monkeypatch)
         refreshing = asyncio.create_task(a.refresh())
-        await read_done.wait()
-        await a.aclose()
-        go_on.set()
-        with pytest.raises(ManagerClosedError):
-            await refreshing
+        await read_done.wait()  # the first slice has read
+        if cut == "cancelled":
+            refreshing.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await refreshing
+            assert await a.refresh() == ["s3"]  # it vouched for nothing
+            assert await a.get("s3") is None
+        else:
+            await a.aclose()
+            go_on.set()
+            with pytest.raises(ManagerClosedError):
+                await refreshing
 
 
 async def test_refreshing_some_sessions_does_not_vouch_for_the_others(
@@ -597,9 +585,7 @@ async def test_a_read_begun_before_a_refresh_cannot_hide_a_change_from_the_next(
         assert stale is not None
         assert stale.data == {"v": 1}  # its read began before the change
         assert await a.refresh() == []
-        got = await a.get("x")
-        assert got is not None
-        assert (got.data, got.version) == ({"v": 2}, 2)
+        assert await _data_and_version(a, "x") == ({"v": 2}, 2)
 
 
 async def test_a_read_joined_while_it_runs_cannot_hide_a_change_from_the_next_refresh(
