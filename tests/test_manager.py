@@ -222,15 +222,19 @@ async def test_cleanup_keeps_session_touched_but_not_yet_flushed(
         assert await m.get(session.session_id) is not None
 
 
+def _fixed_chunks(make_manager: ManagerFactory, rows: int, **settings: Any) -> SessionManager:
+    """A manager (60 s timeout, no session limit) whose cleanup deletes ``rows`` rows a
+    chunk, not sized by time."""
+    settings.setdefault("max_concurrent_sessions", 0)
+    return make_manager(
+        session_timeout_secs=60, cleanup_chunk_rows=rows, cleanup_chunk_secs=0, **settings
+    )
+
+
 async def test_cleanup_in_chunks_deletes_everything(
     make_manager: ManagerFactory, clock: ManualClock
 ) -> None:
-    async with make_manager(
-        session_timeout_secs=60,
-        max_concurrent_sessions=0,
-        cleanup_chunk_rows=7,
-        cleanup_chunk_secs=0,  # fixed chunks
-    ) as m:
+    async with _fixed_chunks(make_manager, 7) as m:
         await asyncio.gather(*(m.ensure() for _ in range(50)))
         clock.advance(62)  # past the timeout and cleanup's grace (a flush interval)
         chunks: list[int] = []
@@ -244,12 +248,7 @@ async def test_cleanup_reports_exactly_the_rows_it_deleted(
 ) -> None:
     # Expired sessions share timestamps across chunk boundaries and live ones sit
     # among them: listeners must hear every deleted id once, and nothing else.
-    async with make_manager(
-        session_timeout_secs=60,
-        max_concurrent_sessions=0,
-        cleanup_chunk_rows=4,
-        cleanup_chunk_secs=0,
-    ) as m:
+    async with _fixed_chunks(make_manager, 4) as m:
         expired: set[str] = set()
         live: set[str] = set()
         for group in range(5):
@@ -313,12 +312,7 @@ async def test_cleanup_does_not_wait_for_the_disk_other_writes_do(
     ]:
         monkeypatch.setattr(SessionStore, name, watching(kind, getattr(SessionStore, name)))
     flush_interval = 1e-9 if touches_due else 3600
-    async with make_manager(
-        session_timeout_secs=60,
-        cleanup_chunk_rows=2,
-        cleanup_chunk_secs=0,
-        flush_interval_secs=flush_interval,
-    ) as m:
+    async with _fixed_chunks(make_manager, 2, flush_interval_secs=flush_interval) as m:
         await asyncio.gather(*(m.ensure() for _ in range(5)))
         clock.advance(61 + flush_interval)  # past the timeout and cleanup's grace
         kept = await m.ensure("kept")
