@@ -153,7 +153,8 @@ _CLOCK_JUMP_SECS = 60.0
 _CHUNK_ROWS_MAX = 100_000
 
 #: Cached sessions re-read by one step of :meth:`SessionManager.refresh` (four ``IN``
-#: reads; the event loop runs other tasks between steps).
+#: reads of their rows' heads, then their data where those differ; the event loop runs
+#: other tasks between steps).
 _REFRESH_SLICE = 2048
 
 #: Cached sessions checked between two yields to the event loop by cleanup's eviction
@@ -639,7 +640,7 @@ class SessionManager:
 
         In slices of :data:`_EVICT_SLICE`, yielding to the event loop between them: in
         one pass, and a second one after the chunks, 100,000 cached sessions held the
-        loop for 20 ms (measured), a million for ten times that.
+        loop for 14-21 ms (benchmark row 8a and probes), a million for ten times that.
         """
         cache, stamp = self._cache, _TIME.unpack_from
         oldest = now - self.settings.session_timeout_secs
@@ -792,7 +793,7 @@ class SessionManager:
         ids = list(self._cache if session_ids is None else session_ids)
         gone: list[str] = []
         # A slice at a time, the event loop free between them: in one piece, 100,000
-        # cached sessions held it for 250-280 ms (measured).
+        # cached sessions held it for 213-221 ms (benchmark row 8b).
         for start in range(0, len(ids), _REFRESH_SLICE):
             if start:
                 self._running_writer()  # closed meanwhile: say so, not "store is closed"

@@ -1266,8 +1266,8 @@ def _driver_cursor(conn: Connection) -> contextlib.closing[DBAPICursor]:
     return contextlib.closing(conn.connection.cursor())
 
 
-#: The reads by a list of keys (``IN``): the sessions by id, the sessions and the
-#: tombstones by token hash. Keys are ``k0``, ``k1``, ...
+#: The reads by a list of keys (``IN``): the sessions by id (whole, or their heads),
+#: the sessions and the tombstones by token hash. Keys are ``k0``, ``k1``, ...
 _IN_READS: dict[str, Callable[[list[Any]], Any]] = {
     "rows": lambda keys: select(*_COLUMNS).where(sessions.c.session_id.in_(keys)),
     "heads": lambda keys: select(
