@@ -185,25 +185,6 @@ async def test_refresh_reads_the_data_only_of_sessions_changed_elsewhere(
         assert data_reads == [["changed", "reborn"]]  # served from the cache since
 
 
-def _hold_data_read(
-    m: SessionManager, monkeypatch: pytest.MonkeyPatch
-) -> tuple[asyncio.Event, asyncio.Event]:
-    """Hold the manager's next read of whole rows after it has read: in a refresh, the
-    data read of the sessions whose heads showed a change. ``(read_done, go_on)``."""
-    real_fetch = m.store.fetch_many
-    read_done, go_on = asyncio.Event(), asyncio.Event()
-
-    async def held(session_ids: list[str]) -> list[SessionRow]:
-        rows = await real_fetch(session_ids)
-        if not read_done.is_set():
-            read_done.set()
-            await go_on.wait()
-        return rows
-
-    monkeypatch.setattr(m.store, "fetch_many", held)
-    return read_done, go_on
-
-
 @pytest.mark.parametrize("ours", ["set_data", "remove", "create again"])
 async def test_a_write_of_ours_during_the_data_read_is_not_rolled_back(
     make_manager: ManagerFactory,
@@ -216,7 +197,8 @@ async def test_a_write_of_ours_during_the_data_read_is_not_rolled_back(
     async with make_manager() as a, make_manager() as b:
         await a.ensure("s", data={"n": 0})
         await b.set_data("s", {"n": 1})
-        read_done, go_on = _hold_data_read(a, monkeypatch)
+        # The refresh's data read of the sessions whose heads showed a change.
+        read_done, go_on = _hold_next_read(a, monkeypatch, reads=("fetch_many",))
         refreshing = asyncio.create_task(a.refresh(["s"]))
         await read_done.wait()
         if ours == "set_data":
@@ -336,10 +318,13 @@ async def test_a_version_conflict_refreshes_the_stale_cache(make_manager: Manage
 
 
 def _hold_next_read(
-    m: SessionManager, monkeypatch: pytest.MonkeyPatch
+    m: SessionManager,
+    monkeypatch: pytest.MonkeyPatch,
+    reads: tuple[str, ...] = ("fetch_many", "fetch_heads"),
 ) -> tuple[asyncio.Event, asyncio.Event]:
-    """Hold the manager's next read of rows after it has read (a real read): of whole
-    rows (a cache miss) or of their heads (a refresh).
+    """Hold the manager's next read of rows after it has read (a real read): by
+    default of whole rows (a cache miss, a refresh's data read) or of their heads (a
+    refresh); ``reads`` names the store's methods to hold.
 
     Returns ``(read_done, go_on)``: the first is set once the read is done, setting
     the second lets its result go on. Later reads are not held.
@@ -356,8 +341,8 @@ def _hold_next_read(
 
         return first_read_held
 
-    monkeypatch.setattr(m.store, "fetch_many", held(m.store.fetch_many))
-    monkeypatch.setattr(m.store, "fetch_heads", held(m.store.fetch_heads))
+    for name in reads:
+        monkeypatch.setattr(m.store, name, held(getattr(m.store, name)))
     return read_done, go_on
 
 
