@@ -38,7 +38,8 @@ import tempfile
 import time
 import traceback
 import tracemalloc
-from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, TypeVar, cast
@@ -891,19 +892,35 @@ async def scenario_create(ctx: Context) -> None:
         # of each pair: whatever the machine is doing (the page cache, other tenants)
         # drifts over the seconds of the scenario, and the order ABBA charges that
         # drift to both contenders alike.
+        # At 256 tasks the floor too, inside the pair: sessionstore, floor, raw, raw,
+        # floor, sessionstore.
+        floors: list[float] = []
         first, transactions = await ss_create(
             ctx, await ctx.fresh_db(f"create-ss-{tasks}.db"), tasks
         )
+        if tasks > 1:
+            floors.append(await floor_create(await ctx.fresh_db("floor.db"), tasks, s.duration))
         raws = [
             raw_create(await ctx.fresh_db(f"create-raw-{tasks}.db"), tasks, s.duration)
             for _ in range(2)
         ]
+        if tasks > 1:
+            floors.append(await floor_create(await ctx.fresh_db("floor.db"), tasks, s.duration))
         second, _ = await ss_create(ctx, await ctx.fresh_db(f"create-ss-{tasks}.db"), tasks)
         rd = await redis_set_throughput(ctx, tasks, s.duration) if ctx.redis else None
         abba = (
             f"ABBA means of {first:,.0f} and {second:,.0f}/s, "
             f"raw {raws[0]:,.0f} and {raws[1]:,.0f}/s"
         )
+        if floors:
+            floor = statistics.mean(floors)
+            ctx.extra["create_floor"] = floor
+            abba += (
+                f"; asyncio floor (the same tasks, a writer thread running raw sqlite3's "
+                f"batch, no bookkeeping) {floors[0]:,.0f} and {floors[1]:,.0f}/s: "
+                f"{floor / statistics.mean(raws):.2f}x raw, sessionstore "
+                f"{(first + second) / 2 / floor:.2f}x of it"
+            )
         local[tasks] = ((first + second) / 2, statistics.mean(raws), rd, transactions, abba)
     # PostgreSQL after every SQLite and Redis figure: its server goes on working after
     # a run of inserts (autovacuum, the checkpointer) on the same two cores. Measured:
@@ -946,9 +963,18 @@ async def scenario_create(ctx: Context) -> None:
             "x",
         )
     )
+    floor_rate: float | None = ctx.extra.get("create_floor")
     ctx.target(
         Target(
-            f"create@{s.tasks}: sessionstore / raw batched limit", _ratio(ss, raw), ">=", 0.5, "x"
+            f"create@{s.tasks}: sessionstore / raw batched limit",
+            _ratio(ss, raw),
+            ">=",
+            0.5,
+            "x",
+            f"asyncio floor / raw {_ratio(floor_rate, raw):.3f}x; sessionstore / floor "
+            f"{_ratio(ss, floor_rate):.3f}x (row 1b)"
+            if floor_rate
+            else "",
         )
     )
     if ctx.pg is not None:
@@ -1052,7 +1078,20 @@ def raw_create(path: Path, per_txn: int, duration: float) -> float:
 
 
 def raw_create_step(path: Path, per_txn: int) -> Callable[[sqlite3.Connection, int], None]:
-    """One transaction of :func:`raw_create`: ``per_txn`` new sessions, made and committed.
+    """One transaction of :func:`raw_create`: ``per_txn`` new sessions, made and committed."""
+    insert = multi_row_insert(path)
+
+    def write(conn: sqlite3.Connection, _n: int) -> None:
+        rows = new_rows(per_txn)
+        conn.execute("BEGIN IMMEDIATE")
+        insert(conn, rows)
+        conn.execute("COMMIT")
+
+    return write
+
+
+def multi_row_insert(path: Path) -> Callable[[sqlite3.Connection, Sequence[Sequence[Any]]], None]:
+    """``insert(conn, rows)``: INSERTs ``rows`` with as few statements as SQLite allows.
 
     One multi-row ``INSERT ... VALUES (...), (...)`` per transaction: 8-20% more rows/s
     here than ``executemany`` of the one-row INSERT (three runs side by side), so that
@@ -1062,24 +1101,74 @@ def raw_create_step(path: Path, per_txn: int) -> Callable[[sqlite3.Connection, i
     width = one.count("?")
     with contextlib.closing(sqlite3.connect(path)) as probe:
         # Where a statement may bind fewer parameters (999 before SQLite 3.32), two.
-        per_statement = min(per_txn, probe.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER) // width)
+        per_statement = probe.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER) // width
+    texts: dict[int, str] = {}
 
-    def sql(rows: int) -> str:
-        return head + values + ", ".join([one] * rows)
+    def insert(conn: sqlite3.Connection, rows: Sequence[Sequence[Any]]) -> None:
+        params = [value for row in rows for value in row]
+        for start in range(0, len(rows), per_statement):
+            count = min(per_statement, len(rows) - start)
+            text = texts.get(count)
+            if text is None:
+                text = texts[count] = head + values + ", ".join([one] * count)
+            conn.execute(text, params[start * width : (start + count) * width])
 
-    statements = [
-        (sql(min(per_statement, per_txn - start)), start * width, (start + per_statement) * width)
-        for start in range(0, per_txn, per_statement)
-    ]
+    return insert
 
-    def write(conn: sqlite3.Connection, _n: int) -> None:
-        params = [value for row in new_rows(per_txn) for value in row]
+
+async def floor_create(path: Path, tasks: int, duration: float) -> float:
+    """Creates/s of :func:`floor_writer` from ``tasks`` tasks."""
+    async with floor_writer(path) as create:
+        return await throughput(tasks, duration, lambda _k, _i: create())
+
+
+@contextlib.asynccontextmanager
+async def floor_writer(path: Path) -> AsyncIterator[Callable[[], Awaitable[None]]]:
+    """The floor of any asyncio group commit: ``create()`` with no bookkeeping at all.
+
+    Each ``create()`` makes a row as raw sqlite3 does (the id and the JSON), queues it
+    with a future and awaits that; one writer task takes the whole queue, has a thread
+    of its own run raw sqlite3's transaction of :func:`raw_create` on it, and resolves
+    the futures. No returned session, no cache, no checks: what is left between this
+    and raw sqlite3 is what asyncio and the thread cost, and between sessionstore and
+    this, what sessionstore itself does.
+    """
+    loop = asyncio.get_running_loop()
+    insert = multi_row_insert(path)
+    queue: list[tuple[tuple[str, float, float, str], asyncio.Future[None]]] = []
+    wakeup = asyncio.Event()
+    conn = raw_connect(path)
+
+    def commit(rows: list[tuple[str, float, float, str]]) -> None:
         conn.execute("BEGIN IMMEDIATE")
-        for text, first, end in statements:
-            conn.execute(text, params[first:end])
+        insert(conn, rows)
         conn.execute("COMMIT")
 
-    return write
+    async def writer() -> None:
+        while True:
+            await wakeup.wait()
+            wakeup.clear()
+            batch = queue[:]
+            queue.clear()
+            await loop.run_in_executor(thread, commit, [row for row, _future in batch])
+            for _row, future in batch:
+                future.set_result(None)
+
+    async def create() -> None:
+        now = time.time()
+        future: asyncio.Future[None] = loop.create_future()
+        queue.append(((new_id(), now, now, encode_data(DATA)), future))
+        wakeup.set()
+        await future
+
+    with ThreadPoolExecutor(1, thread_name_prefix="floor") as thread:
+        task = asyncio.create_task(writer())
+        try:
+            yield create
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            await loop.run_in_executor(thread, conn.close)
 
 
 async def redis_set_throughput(ctx: Context, tasks: int, duration: float) -> float:

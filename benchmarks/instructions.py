@@ -36,7 +36,7 @@ import bench
 
 from sessionstore import SessionManager
 
-CONTENDERS = ("sessionstore", "raw", "asyncio")
+CONTENDERS = ("sessionstore", "raw", "floor", "asyncio")
 
 
 async def _sessionstore(path: Path, creates: int, tasks: int) -> None:
@@ -94,6 +94,13 @@ async def _asyncio_alone(creates: int, tasks: int) -> None:
     await asyncio.gather(task, return_exceptions=True)
 
 
+async def _floor(path: Path, creates: int, tasks: int) -> None:
+    async with bench.floor_writer(path) as create:
+        await create()  # as above
+        if creates:
+            await bench.fixed_work(tasks, range(creates), lambda _i: create())
+
+
 def _raw(path: Path, creates: int, tasks: int) -> None:
     step = bench.raw_create_step(path, tasks)
     conn = bench.raw_connect(path)
@@ -116,6 +123,8 @@ def inner(contender: str, creates: int, tasks: int) -> None:
             asyncio.run(_sessionstore(path, creates, tasks))
         elif contender == "raw":
             _raw(path, creates, tasks)
+        elif contender == "floor":
+            asyncio.run(_floor(path, creates, tasks))
         else:
             asyncio.run(_asyncio_alone(creates, tasks))
 
@@ -203,6 +212,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{contender:14}{main_thread:14,.0f}{others:16,.0f}{main_thread + others:12,.0f}")
     ss, raw = sum(per_create["sessionstore"]), sum(per_create["raw"])
     print(f"raw / sessionstore: {raw / ss:.3f}x (what rates would show if time went by count)")
+    print(
+        f"floor: {args.tasks} tasks awaiting a writer thread that runs raw's transaction "
+        "(bench.floor_writer: no session, no cache, no checks)"
+    )
     print(
         f"asyncio: {args.tasks} tasks awaiting a group commit that does nothing (no JSON, id, SQL)"
     )
