@@ -180,13 +180,21 @@ def _next_chunk_rows(rows: int, took: float, target: float, first: int) -> int:
 
 
 class _Fills:
-    """Counts reads whose rows go into the cache: ``with fills:`` around each."""
+    """Counts reads whose rows go into the cache: ``with fills:`` around each.
 
-    __slots__ = ("running", "started")
+    And remembers which sessions this manager deleted while any such read ran, so
+    that a read that began before a delete cannot cache the deleted row: a row of a
+    session deleted after its read began (a higher ``epoch`` than the read's) is
+    treated as absent (:meth:`overtaken`).
+    """
+
+    __slots__ = ("epoch", "gone", "running", "started")
 
     def __init__(self) -> None:
         self.started = 0
         self.running = 0
+        self.epoch = 0
+        self.gone: dict[str, tuple[int, str]] = {}  # id -> (epoch, grave)
 
     def __enter__(self) -> None:
         self.started += 1
@@ -194,6 +202,21 @@ class _Fills:
 
     def __exit__(self, *_exc: object) -> None:
         self.running -= 1
+        if not self.running:
+            self.gone.clear()  # no read left that began before those deletes
+
+    def deleted(self, session_ids: Collection[str], grave: str) -> None:
+        """These sessions were deleted; ``grave``: what their tombstones say."""
+        if self.running:
+            self.epoch += 1
+            mark = (self.epoch, grave)
+            for sid in session_ids:
+                self.gone[sid] = mark
+
+    def overtaken(self, session_id: str, since: int) -> str | None:
+        """The grave of ``session_id`` if it was deleted after epoch ``since``, else None."""
+        mark = self.gone.get(session_id)
+        return mark[1] if mark is not None and mark[0] > since else None
 
 
 def hash_token(token: str) -> str:
@@ -750,8 +773,12 @@ class SessionManager:
         resumes (a restart's reconnect storm) share those lookups.
         """
         self._running_writer()
-        with self._fills:
+        fills = self._fills
+        with fills:
+            since = fills.epoch
             row, grave = await self._token_loader.load(hash_token(token)) or (None, None)
+            if row is not None and (gone := fills.overtaken(row.session_id, since)):
+                row, grave = None, gone  # deleted here since this call began
             if row is None:
                 reason: ResumeReason = "expired" if grave == "expired" else "revoked"
                 return ResumeResult(None, reason if grave else "unknown")
@@ -876,6 +903,7 @@ class SessionManager:
         cache, writer, listeners = self._cache, self._writer, list(self._listeners)
         for sid in session_ids:
             cache.pop(sid, None)
+        self._fills.deleted(session_ids, "expired" if reason == "expired" else "revoked")
         self._stale_fills_possible()
         if writer is not None:
             writer.forget(session_ids)
@@ -898,11 +926,15 @@ class SessionManager:
         if entry is None:
             if not _valid_id(session_id):
                 return None
-            with self._fills:
+            fills = self._fills
+            with fills:
+                since = fills.epoch
                 row = await self._row_loader.load(session_id)
-                if row is None:
-                    return None
-                entry = self._cache.get(session_id) or self._remember(row)
+                entry = self._cache.get(session_id)  # created while the read ran, say
+                if entry is None:
+                    if row is None or fills.overtaken(session_id, since) is not None:
+                        return None
+                    entry = self._remember(row)
         if self._expired(_last(entry), now):
             self._cache.pop(session_id, None)
             return None
@@ -917,15 +949,31 @@ class SessionManager:
             self._stale_fill_marks += 1  # and a refresh running now must not vouch either
 
     async def _fetch_rows(self, session_ids: list[str]) -> dict[str, SessionRow]:
-        # Counted as a whole too: a caller may join this read while it runs.
-        with self._fills:
-            return {row.session_id: row for row in await self._store.fetch_many(session_ids)}
+        # Counted as a whole too: a caller may join this read while it runs. A row
+        # this manager deleted while the read ran is absent: the caller may have
+        # joined after the delete returned.
+        fills = self._fills
+        with fills:
+            since = fills.epoch
+            rows = await self._store.fetch_many(session_ids)
+            return {
+                row.session_id: row
+                for row in rows
+                if fills.overtaken(row.session_id, since) is None
+            }
 
     async def _fetch_tokens(
         self, token_hashes: list[str]
     ) -> Mapping[str, tuple[SessionRow | None, str | None]]:
-        with self._fills:
-            return await self._store.resume_lookup(token_hashes)
+        fills = self._fills
+        with fills:
+            since = fills.epoch
+            found = await self._store.resume_lookup(token_hashes)
+            for digest, (row, _grave) in found.items():
+                grave = None if row is None else fills.overtaken(row.session_id, since)
+                if grave is not None:  # deleted here while the read ran
+                    found[digest] = (None, grave)
+            return found
 
     def _remember(self, row: SessionRow) -> _Entry:
         """Cache the row; activity this manager saw later than the row's is kept.

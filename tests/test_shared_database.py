@@ -669,3 +669,87 @@ async def test_get_or_create_does_not_resurrect_a_session_removed_in_the_same_ba
         await busy
         assert made.session_id == again.session_id == "x"
         assert await m.get("x") is None
+
+
+async def _read_held_while(
+    m: SessionManager,
+    monkeypatch: pytest.MonkeyPatch,
+    read: Awaitable[T],
+    meanwhile: Callable[[], Awaitable[None]],
+    reads: tuple[str, ...] = ("fetch_many",),
+) -> T:
+    """Run ``read`` (a cache miss), and ``meanwhile()`` once its database read is done
+    and before its result goes on; what ``read`` returned."""
+    read_done, go_on = _hold_next_read(m, monkeypatch, reads=reads)
+    reading = asyncio.ensure_future(read)
+    await read_done.wait()
+    try:
+        await meanwhile()
+    finally:
+        go_on.set()
+    return await reading
+
+
+@pytest.mark.parametrize("joined", [False, True], ids=["the read", "a get joining it"])
+async def test_a_cache_miss_overtaken_by_our_remove_does_not_cache_the_session(
+    make_manager: ManagerFactory, monkeypatch: pytest.MonkeyPatch, joined: bool
+) -> None:
+    # Found by review: the read of a cold get() saw the row, remove() committed and
+    # returned True, and the read's row went into the cache: get() served the removed
+    # session until the next refresh (for ever without one). A get() made after the
+    # remove returned joins the read in flight, which began before it.
+    async with make_manager(session_timeout_secs=60) as m:
+        await m.ensure("s")
+    async with make_manager(session_timeout_secs=60) as m:  # a cold cache
+        late: list[asyncio.Future[Session | None]] = []
+
+        async def remove() -> None:
+            assert await m.remove("s") is True
+            if joined:
+                late.append(asyncio.ensure_future(m.get("s")))
+                await asyncio.sleep(0)  # it joins the read in flight
+
+        await _read_held_while(m, monkeypatch, m.get("s"), remove)
+        if joined:
+            assert await late[0] is None
+        assert await m.get("s") is None
+        assert await m.ensure("s", data={"new": True}) is not None  # a new one, not the old
+        assert (await m.get("s")).data == {"new": True}  # type: ignore[union-attr]
+
+
+async def test_a_cache_miss_overtaken_by_our_remove_and_create_never_serves_the_old_one(
+    make_manager: ManagerFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with make_manager(session_timeout_secs=60) as m:
+        await m.ensure("s", data={"n": "old"})
+    async with make_manager(session_timeout_secs=60) as m:
+        created: list[asyncio.Future[Session]] = []
+
+        async def replace() -> None:
+            assert await m.remove("s") is True
+            # Its own look-up joins the held read: it creates once that is done.
+            created.append(asyncio.ensure_future(m.ensure("s", data={"n": "new"})))
+            await asyncio.sleep(0)
+
+        got = await _read_held_while(m, monkeypatch, m.get("s"), replace)
+        assert got is None or got.data == {"n": "new"}
+        assert (await created[0]).data == {"n": "new"}
+        assert (await m.get("s")).data == {"n": "new"}  # type: ignore[union-attr]
+
+
+async def test_a_resume_overtaken_by_our_remove_says_revoked_and_caches_nothing(
+    make_manager: ManagerFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with make_manager(session_timeout_secs=60) as m:
+        await m.ensure("s")
+        token = await m.issue_token("s")
+    async with make_manager(session_timeout_secs=60) as m:
+
+        async def remove() -> None:
+            assert await m.remove("s") is True
+
+        result = await _read_held_while(
+            m, monkeypatch, m.resume(token), remove, reads=("resume_lookup",)
+        )
+        assert (result.session, result.reason) == (None, "revoked")
+        assert await m.get("s") is None
