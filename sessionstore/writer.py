@@ -27,7 +27,7 @@ from typing import Any
 
 from sqlalchemy import Connection
 
-from .errors import ManagerClosedError
+from .errors import DatabaseCorruptError, ManagerClosedError, StorageBusyError, StorageReadOnlyError
 from .store import SessionStore
 
 __all__ = ["BatchHandler", "GroupCommitWriter", "OnCommit", "each_write"]
@@ -55,6 +55,9 @@ OnCommit = Callable[[list[Any], list[Any]], list[Any]]
 #: create, and a named one costs ten times as much to make.
 _Request = tuple[str, Any, "asyncio.Future[Any]"]
 _KIND = operator.itemgetter(0)
+
+#: Failures of the database as a whole, not of one write in a batch.
+_WHOLE_DATABASE = (StorageBusyError, StorageReadOnlyError, DatabaseCorruptError)
 
 
 class GroupCommitWriter:
@@ -174,8 +177,8 @@ class GroupCommitWriter:
         return future
 
     async def flush(self) -> None:
-        """Write every pending touch now."""
-        if self._pending:
+        """Write every pending touch now (and wait for those being written)."""
+        if self._pending or self._committing:
             await self.submit("barrier")
 
     async def aclose(self) -> None:
@@ -274,9 +277,11 @@ class GroupCommitWriter:
         except Exception as exc:
             self._restore(touches)
             live = [r for r in batch if not r[2].done()]
-            if len(live) > 1:
+            if len(live) > 1 and not isinstance(exc, _WHOLE_DATABASE):
                 # Nothing committed, and one request may have doomed the rest (a write
                 # that does not fit on a full disk): retry each alone, so only it fails.
+                # Not where the database as a whole refused: each retry would wait out
+                # the busy timeout again, the last caller hearing after hundreds.
                 for request in live:
                     if not request[2].done():
                         await self._commit([request])

@@ -8,9 +8,11 @@ import enum
 import json
 import logging
 import re
+import sqlite3
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +27,7 @@ from sessionstore import (
     SessionManager,
     SessionNotFoundError,
     SessionStoreError,
+    StorageBusyError,
     VersionConflictError,
     new_session_id,
 )
@@ -1028,3 +1031,62 @@ async def test_unpaired_surrogates_are_refused_without_harming_other_writes(
         await manager.ensure("\ud800")
     assert await manager.get("\ud800") is None
     assert await manager.remove("\ud800") is False
+
+
+async def test_list_ids_waits_for_touches_being_written(
+    db_path: Path, clock: ManualClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Found by review: flush() looked only at touches not yet taken, so a touch that a
+    # transaction was writing at that moment was missed: list_ids() read the row
+    # without it and left out a session that get() served.
+    async with SessionManager(
+        str(db_path), clock=clock, session_timeout_secs=60, flush_interval_secs=3600
+    ) as m:
+        sid = (await m.ensure()).session_id
+        clock.advance(59)
+        assert await m.update_activity(sid)  # held in memory; the row says t+0
+        clock.advance(2)  # live by memory, expired by the row
+        writer = m._writer
+        assert writer is not None
+        listing: list[asyncio.Future[list[str]]] = []
+        real_write = m.store.write
+
+        async def write_when_listed(work: Any, *, durable: bool = True) -> Any:
+            # The transaction carrying the touch waits (a real one, only later) until
+            # list_ids() has read, or queued a barrier behind it.
+            listing.append(asyncio.ensure_future(m.list_ids()))
+            while not listing[0].done() and not any(r[0] == "barrier" for r in writer._queue):
+                await asyncio.sleep(0)
+            monkeypatch.setattr(m.store, "write", real_write)
+            return await real_write(work, durable=durable)
+
+        monkeypatch.setattr(m.store, "write", write_when_listed)
+        await m.ensure()  # its transaction takes the touch
+        assert await m.get(sid) is not None
+        assert sid in await listing[0]
+
+
+async def test_a_locked_database_fails_each_caller_after_one_busy_timeout(
+    db_path: Path, clock: ManualClock
+) -> None:
+    # Found by review: a failed batch was retried one request at a time, and with
+    # another connection holding the write lock each retry waited the whole busy
+    # timeout again: the last of 40 callers heard after 40 of them.
+    async with SessionManager(
+        str(db_path), clock=clock, busy_timeout_ms=100, refresh_interval_secs=0
+    ) as m:
+        ids = [(await m.ensure()).session_id for _ in range(40)]
+        other = sqlite3.connect(db_path, isolation_level=None)
+        other.execute("BEGIN IMMEDIATE")
+        try:
+            started = time.perf_counter()
+            results = await asyncio.gather(
+                *(m.set_data(sid, {"k": 1}) for sid in ids), return_exceptions=True
+            )
+            waited = time.perf_counter() - started
+        finally:
+            other.rollback()
+            other.close()
+        assert all(isinstance(r, StorageBusyError) for r in results)
+        assert waited < 1.5, f"the callers heard after {waited:.1f} s"
+        assert (await m.set_data(ids[0], {"k": 2})).version == 2  # the writer goes on
