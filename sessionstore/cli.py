@@ -17,6 +17,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy.exc import ArgumentError
+
 from . import __version__, migrate
 from .config import Settings
 from .errors import SessionStoreError, StorageError
@@ -33,6 +35,14 @@ Command = Callable[[argparse.Namespace], Coroutine[Any, Any, int]]
 
 def _iso(ts: float) -> str:
     return datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def _count(text: str) -> int:
+    """An argparse type: a whole number, 0 or more."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -241,7 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("migrate", cmd_migrate, "upgrade the schema to head, or show the current revision")
     p.add_argument("action", nargs="?", choices=["upgrade", "current"], default="upgrade")
     p = add("ls", cmd_ls, "list live sessions, newest activity first")
-    p.add_argument("--limit", type=int, default=None, help="show at most this many")
+    p.add_argument("--limit", type=_count, default=None, help="show at most this many")
     p.add_argument("--json", action="store_true", help="print JSON")
     p = add("show", cmd_show, "show one live session as JSON")
     p.add_argument("session_id")
@@ -315,7 +325,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SessionStoreError as exc:
         print(f"sessionstore: error: {exc}", file=sys.stderr)
         return 1
-    except ValueError as exc:  # bad settings from the environment
+    except (ValueError, ArgumentError) as exc:  # bad settings, a database URL of no dialect
         print(f"sessionstore: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

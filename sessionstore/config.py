@@ -75,6 +75,7 @@ class Settings:
             "flush_interval_secs",
             "max_data_bytes",
             "cleanup_chunk_rows",
+            "pool_size",
         )
         for name in positive:
             if getattr(self, name) <= 0:

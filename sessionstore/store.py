@@ -203,6 +203,8 @@ def translate_error(exc: BaseException, label: str) -> StorageError | None:
         return StorageError(f"{label}: {orig}")
     if isinstance(exc, PermissionError):
         return StorageReadOnlyError(f"{label}: {exc}")
+    if isinstance(exc, OSError):  # a server that does not answer (refused, unreachable)
+        return StorageError(f"{label}: cannot reach the database: {exc}")
     return None
 
 
@@ -683,7 +685,7 @@ class SessionStore:
             yield
         except StorageError:
             raise
-        except (DBAPIError, sqlite3.Error, PermissionError) as exc:
+        except (DBAPIError, sqlite3.Error, OSError) as exc:
             translated = translate_error(exc, self.label)
             if translated is None:
                 raise

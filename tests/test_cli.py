@@ -125,6 +125,29 @@ def test_bad_environment_is_a_usage_error(populated: Path) -> None:
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize(
+    ("args", "env", "code", "says"),
+    [
+        # Found by review: each of these hung, went on, or printed a traceback.
+        (("ls", "--limit", "-1"), {}, 2, "--limit: must be 0 or more"),
+        (("ls",), {"SESSIONSTORE_POOL_SIZE": "-1"}, 2, "pool_size must be positive"),
+        (("serve", "--handshake-timeout", "nan"), {}, 2, "handshake timeout must be positive"),
+        (("ls", "-d", "foo://bar"), {}, 2, "foo"),
+        (("ls", "-d", "postgresql+asyncpg://x@127.0.0.1:1/test"), {}, 1, "cannot reach"),
+    ],
+    ids=["negative limit", "pool size", "nan timeout", "no such dialect", "no server"],
+)
+def test_bad_arguments_are_one_clear_line(
+    populated: Path, args: tuple[str, ...], env: dict[str, str], code: int, says: str
+) -> None:
+    if "-d" not in args:
+        args = (*args, "-d", str(populated))
+    result = run_cli(*args, env=env, timeout=30)
+    assert result.returncode == code, result.stderr
+    assert says in result.stderr.strip().splitlines()[-1]
+    assert "Traceback" not in result.stderr
+
+
 def test_python_dash_m_and_help() -> None:
     result = run_cli("--help")
     assert result.returncode == 0

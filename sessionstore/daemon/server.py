@@ -17,6 +17,7 @@ import asyncio
 import http
 import json
 import logging
+import math
 import os
 import signal
 import time
@@ -820,7 +821,7 @@ class DaemonOptions:
             raise ValueError(f"port must be 0..65535, got {self.port}")
         if self.max_size <= 0:
             raise ValueError(f"max size must be positive, got {self.max_size}")
-        if self.handshake_timeout <= 0:
+        if not (math.isfinite(self.handshake_timeout) and self.handshake_timeout > 0):
             raise ValueError(f"handshake timeout must be positive, got {self.handshake_timeout}")
 
     @classmethod
