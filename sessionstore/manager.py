@@ -747,18 +747,27 @@ class SessionManager:
 
     # ----- resume tokens (the daemon's bearer credential) -----
 
-    async def issue_token(self, session_id: str) -> str:
+    async def issue_token(self, session_id: str, *, replacing: str | None = None) -> str:
         """Give the session a fresh resume token; the previous one stops working.
 
         Only the token's SHA-256 is stored. Returns the raw token (>= 256 bits).
 
+        Args:
+            session_id: The session.
+            replacing: The token the caller resumed with: the new one is issued only
+                if that is still the session's token, so that two clients resuming
+                with one token at once cannot both get the session.
+
         Raises:
-            SessionNotFoundError: no live session with that id.
+            SessionNotFoundError: no live session with that id (or ``replacing`` is
+                no longer its token).
         """
         if not _valid_id(session_id):
             raise SessionNotFoundError(session_id)
         token = secrets.token_urlsafe(32)
-        ok: bool = await self._running_writer().submit("token", (session_id, hash_token(token)))
+        expected = None if replacing is None else hash_token(replacing)
+        request = (session_id, hash_token(token), expected)
+        ok: bool = await self._running_writer().submit("token", request)
         if not ok:
             raise SessionNotFoundError(session_id)
         return token
@@ -1124,15 +1133,17 @@ class SessionManager:
         return results
 
     def _apply_tokens(
-        self, conn: Connection, items: list[tuple[str, str]], now: float
+        self, conn: Connection, items: list[tuple[str, str, str | None]], now: float
     ) -> list[Any]:
         results: list[Any] = []
-        for session_id, token_hash in items:
+        for session_id, token_hash, expected in items:
             row = SessionStore.fetch_for_update(conn, session_id)
             if row is None or self._expired(row.last_activity, now):
                 results.append(False)
                 continue
-            results.append(SessionStore.store_token(conn, session_id, token_hash, now=now))
+            results.append(
+                SessionStore.store_token(conn, session_id, token_hash, now=now, expected=expected)
+            )
         return results
 
     def _apply_cleanup_chunk(

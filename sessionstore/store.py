@@ -1172,14 +1172,23 @@ class SessionStore:
         )
 
     @classmethod
-    def store_token(cls, conn: Connection, session_id: str, token_hash: str, *, now: float) -> bool:
+    def store_token(
+        cls,
+        conn: Connection,
+        session_id: str,
+        token_hash: str,
+        *,
+        now: float,
+        expected: str | None = None,
+    ) -> bool:
         """Give the session a new token hash, tombstoning the old one as revoked.
 
-        Returns False if the session has no row.
+        Returns False if the session has no row, or (with ``expected``) if its token
+        hash is no longer ``expected``.
         """
         stmt = select(sessions.c.token_hash).where(sessions.c.session_id == session_id)
         row = (conn.execute(stmt)).first()
-        if row is None:
+        if row is None or (expected is not None and row[0] != expected):
             return False
         cls._bury(conn, [(session_id, row[0])], "revoked", now)
         conn.execute(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import random
 import string
@@ -176,3 +177,17 @@ async def test_lookups_by_many_keys_find_exactly_the_rows_that_exist(
         await store.fetch_heads(ids)
     with pytest.raises(StorageError):
         await store.resume_lookup(digests)
+
+
+async def test_a_token_is_replaced_once(manager: SessionManager) -> None:
+    await manager.ensure("s")
+    token = await manager.issue_token("s")
+    results = await asyncio.gather(
+        manager.issue_token("s", replacing=token),
+        manager.issue_token("s", replacing=token),
+        return_exceptions=True,
+    )
+    assert sorted(type(r).__name__ for r in results) == ["SessionNotFoundError", "str"]
+    new = next(r for r in results if isinstance(r, str))
+    assert (await manager.resume(new)).session is not None
+    assert (await manager.resume(token)).reason == "revoked"

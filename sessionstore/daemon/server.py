@@ -487,8 +487,13 @@ class SessionServer:
             if session is None:
                 session = await self.manager.ensure()
             try:
-                token = await self.manager.issue_token(session.session_id)
-            except SessionNotFoundError:  # removed between resume and now
+                # Resumed: only while the token is still the session's, so that of two
+                # clients resuming with one token at once, one gets the session.
+                replacing = (
+                    request.token if isinstance(request, p.Resume) and reason is None else None
+                )
+                token = await self.manager.issue_token(session.session_id, replacing=replacing)
+            except SessionNotFoundError:  # removed (or resumed by another) since
                 session, reason = await self.manager.ensure(), reason or "revoked"
                 token = await self.manager.issue_token(session.session_id)
         except SessionLimitError as exc:

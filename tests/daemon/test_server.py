@@ -590,3 +590,21 @@ async def test_run_daemon_exits_1_when_the_port_is_taken(
         settings = Settings(database=str(tmp_path / "taken.db"))
         assert await run_daemon(args, settings) == 1
     assert f"cannot listen on 127.0.0.1 port {port}" in caplog.text
+
+
+async def test_one_token_resumed_twice_at_once_recovers_the_session_once(
+    url: str, clients: Clients
+) -> None:
+    # Found by review: both resumes found the session by the token, and both rotated
+    # it: two clients held the session from one token.
+    ws, welcome = await clients.hello(url)
+    await ws.close()
+    a, b = await clients.open(url), await clients.open(url)
+    replies = await asyncio.gather(
+        request(a, {"op": "resume", "token": welcome["token"]}),
+        request(b, {"op": "resume", "token": welcome["token"]}),
+    )
+    assert sorted(r["recovered"] for r in replies) == [False, True]
+    lost = next(r for r in replies if not r["recovered"])
+    assert lost["reason"] == "revoked"
+    assert lost["session_id"] != welcome["session_id"]
