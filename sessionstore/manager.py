@@ -303,6 +303,7 @@ class SessionManager:
         self._tasks: list[asyncio.Task[None]] = []
         self._state: Literal["new", "running", "closed"] = "new"
         self._start_lock = asyncio.Lock()
+        self._teardown: asyncio.Future[None] | None = None
         #: Start-up counts, once :meth:`recovered` has them (``None`` until then).
         self.recovery: RecoveryReport | None = None
         self._recovery_done = asyncio.Event()
@@ -458,24 +459,32 @@ class SessionManager:
             await self._cleanup_loop(initial=expired > 0)
 
     async def aclose(self) -> None:
-        """Stop the cleanup task, flush pending writes, close the database (idempotent)."""
+        """Stop the cleanup task, flush pending writes, close the database (idempotent).
+
+        Concurrent and repeated calls share one teardown, which a cancelled caller does
+        not cut short: the pending activity is written and the writer stopped all
+        the same.
+        """
         async with self._start_lock:
-            if self._state == "closed":
-                return
-            self._state = "closed"
-            tasks, self._tasks = self._tasks, []
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            await self._row_loader.aclose()
-            await self._token_loader.aclose()
-            try:
-                if self._writer is not None:
-                    await self._writer.aclose()
-            finally:
-                self._cache.clear()
-                self._fresh_as_of = None
-                await self._store.close()
+            if self._teardown is None:
+                self._state = "closed"
+                self._teardown = asyncio.ensure_future(self._tear_down())
+        await asyncio.shield(self._teardown)
+
+    async def _tear_down(self) -> None:
+        tasks, self._tasks = self._tasks, []
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await self._row_loader.aclose()
+        await self._token_loader.aclose()
+        try:
+            if self._writer is not None:
+                await self._writer.aclose()
+        finally:
+            self._cache.clear()
+            self._fresh_as_of = None
+            await self._store.close()
 
     @property
     def closed(self) -> bool:

@@ -225,3 +225,29 @@ async def test_a_write_whose_caller_is_cancelled_while_it_commits_still_reaches_
         got_new = await m.get(new_id)
         assert got_new is not None
         assert got_new.data == {"new": True}
+
+
+async def test_a_cancelled_aclose_still_writes_the_activity_and_stops_the_writer(
+    db_path: Path, clock: ManualClock
+) -> None:
+    # Found by review: aclose() marked the manager closed before its first await, so
+    # a caller cancelled while it waited (a shutdown timeout) left the writer running
+    # and the activity unwritten, and a second aclose() returned at once.
+    before = set(threading.enumerate())
+    m = SessionManager(str(db_path), clock=clock, flush_interval_secs=3600)
+    await m.start()
+    sid = (await m.ensure()).session_id
+    clock.advance(30)
+    assert await m.update_activity(sid)
+    closing = asyncio.ensure_future(m.aclose())
+    await asyncio.sleep(0)  # it is waiting for the background tasks to stop
+    closing.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await closing
+    await m.aclose()  # the retry a shutdown path makes
+    assert m.closed
+    assert not await threads_left(before)
+    async with SessionManager(str(db_path), clock=clock) as again:
+        row = await again.store.fetch(sid)
+    assert row is not None
+    assert row.last_activity == clock.now
