@@ -475,8 +475,10 @@ async def test_a_write_of_ours_during_a_refresh_cannot_hide_a_stale_fill_from_th
     make_manager: ManagerFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # A refresh is part-way through its slices; a cache miss reads X; our own remove
-    # of X commits before that read lands in the cache (so it caches X as it was). Our
-    # commits do not move the change marker: the refresh must not vouch for the cache.
+    # of X commits before that read lands in the cache. The read caches nothing (a
+    # row deleted here since the read began is absent), and the refresh still does
+    # not vouch for the cache: our commits do not move the change marker, and a write
+    # of ours during a fill is what could leave a stale copy behind.
     monkeypatch.setattr(manager_module, "_REFRESH_SLICE", 1)
     async with make_manager(max_concurrent_sessions=0) as a, make_manager() as b:
         for i in range(3):
@@ -506,11 +508,13 @@ async def test_a_write_of_ours_during_a_refresh_cannot_hide_a_stale_fill_from_th
         await fill_read.wait()
         assert await a.remove("X")
         fill_go_on.set()
-        stale = await getting
-        assert stale is not None  # read before the remove: X as it was
+        assert await getting is None  # read before the remove, and not cached
         slices_go_on.set()
         assert await refreshing == []
-        assert await a.refresh() == ["X"]  # looked again
+        monkeypatch.setattr(a.store, "fetch_heads", real_heads)
+        reads = _count_reads(a, monkeypatch)
+        assert await a.refresh() == []
+        assert reads[0] > 0  # looked again: the refresh during the remove vouched for nothing
         assert await a.get("X") is None
 
 
