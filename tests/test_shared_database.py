@@ -616,25 +616,6 @@ async def test_a_read_joined_while_it_runs_cannot_hide_a_change_from_the_next_re
         assert got.data == {"v": 2}
 
 
-async def test_a_session_removed_here_during_a_read_is_not_resurrected(
-    make_manager: ManagerFactory, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # A cache miss reads the row; this manager removes the session before that row is
-    # cached. Its own commits do not count as "another process wrote", yet the next
-    # refresh must still drop the session.
-    async with make_manager() as a, make_manager() as b:
-        await b.ensure("x")
-        assert await a.refresh() == []  # a's marker is current
-        read_done, go_on = _hold_next_read(a, monkeypatch)
-        reading = asyncio.create_task(a.get("x"))
-        await read_done.wait()
-        assert await a.remove("x")
-        go_on.set()
-        assert await reading is not None  # its read began before the remove
-        assert await a.refresh() == ["x"]
-        assert await a.get("x") is None
-
-
 async def test_get_or_create_does_not_resurrect_a_session_removed_in_the_same_batch(
     make_manager: ManagerFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
