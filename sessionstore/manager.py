@@ -1091,16 +1091,26 @@ class SessionManager:
 
     # ----- writer handlers: run inside the writer's transaction -----
 
+    def _counted_from(self, now: float) -> float:
+        """The session limit counts rows active since this: those live, and those that
+        have looked expired for less than ``flush_interval_secs``, whose activity
+        another process on the database may hold and not have written yet."""
+        return self._cutoff(now) - self.settings.flush_interval_secs
+
     def _apply_new(self, conn: Connection, rows: list[NewRow], now: float) -> list[Any]:
         made = SessionStore.insert_new(
-            conn, rows, cutoff=self._cutoff(now), limit=self.settings.max_concurrent_sessions
+            conn, rows, cutoff=self._counted_from(now), limit=self.settings.max_concurrent_sessions
         )
         return [True] * made + [False] * (len(rows) - made)
 
     def _apply_creates(self, conn: Connection, new: list[NewSession], now: float) -> list[Any]:
         return list(
             SessionStore.create_many(
-                conn, new, cutoff=self._cutoff(now), limit=self.settings.max_concurrent_sessions
+                conn,
+                new,
+                cutoff=self._cutoff(now),
+                limit=self.settings.max_concurrent_sessions,
+                counted_from=self._counted_from(now),
             )
         )
 

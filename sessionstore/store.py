@@ -965,7 +965,7 @@ class SessionStore:
         cls, conn: Connection, rows: Sequence[NewRow], *, cutoff: float, limit: int
     ) -> int:
         """Insert sessions with generated ids, as many as ``limit`` leaves room for (0: no
-        limit): the first ones. Returns how many.
+        limit; the rows active since ``cutoff`` count): the first ones. Returns how many.
 
         Generated ids are unique (:func:`~sessionstore.session.new_session_id`), so
         there is no existing row to look for; a collision fails the transaction.
@@ -985,11 +985,14 @@ class SessionStore:
         *,
         cutoff: float,
         limit: int,
+        counted_from: float | None = None,
     ) -> list[CreateResult]:
         """Insert sessions in one statement, honouring ``limit`` live sessions (0: none).
 
-        An explicit id that already has a live row is returned as it is (get-or-create,
-        never overwrite); one whose row has expired is replaced by a new session.
+        An explicit id that already has a live row (``last_activity >= cutoff``) is
+        returned as it is (get-or-create, never overwrite); one whose row has expired
+        is replaced by a new session. The limit counts the rows active since
+        ``counted_from`` (default ``cutoff``).
         """
         explicit = list({n.session_id for n in new if n.explicit})
         existing: dict[str, SessionRow] = {}
@@ -1002,7 +1005,8 @@ class SessionStore:
             conn.execute(delete(sessions).where(sessions.c.session_id.in_(stale)))
             for sid in stale:
                 del existing[sid]
-        room = (limit - cls.count_live(conn, cutoff)) if limit else len(new)
+        counted = cutoff if counted_from is None else counted_from
+        room = (limit - cls.count_live(conn, counted)) if limit else len(new)
         to_insert: list[tuple[str, float, float, str, int]] = []
         made: dict[str, SessionRow] = {}  # explicit ids created earlier in this batch
         results: list[CreateResult] = []

@@ -738,3 +738,33 @@ async def test_a_resume_overtaken_by_our_remove_says_revoked_and_caches_nothing(
         )
         assert (result.session, result.reason) == (None, "revoked")
         assert await m.get("s") is None
+
+
+async def test_the_session_limit_counts_activity_another_manager_has_not_written(
+    make_manager: ManagerFactory, clock: ManualClock
+) -> None:
+    # Found by review: the limit counted rows by their stored activity only, and b's
+    # sessions, live by b's activity held in memory, looked expired in the rows: a
+    # created two more, four sessions live under a limit of two.
+    options: dict[str, Any] = {
+        "session_timeout_secs": 60,
+        "max_concurrent_sessions": 2,
+        "flush_interval_secs": 1,
+    }
+    async with make_manager(**options) as b, make_manager(**options) as a:
+        kept = [(await b.ensure()).session_id for _ in range(2)]
+        clock.advance(59.5)
+        for sid in kept:
+            assert await b.update_activity(sid)  # written within the flush interval
+        clock.advance(0.6)  # live by b's memory, expired by the rows
+        with pytest.raises(SessionLimitError):
+            await a.ensure()
+        with pytest.raises(SessionLimitError):
+            await a.ensure("named")
+        await b.list_ids()  # b writes its activity
+        assert (await a.get_session_metrics())["active_sessions"] == 2
+        clock.advance(60.0)  # idle 60.6 s: expired, and within the grace still counted
+        with pytest.raises(SessionLimitError):
+            await a.ensure()
+        clock.advance(1.0)  # past the grace as well: they no longer count
+        assert (await a.ensure()).session_id
