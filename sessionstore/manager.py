@@ -1050,6 +1050,8 @@ class SessionManager:
     def _on_created(self, new: NewSession, result: CreateResult) -> _Entry | bool:
         """True: created; False: refused by the limit; else the live session's entry."""
         if result.created:
+            if result.replaced:  # an expired session of the same id is gone
+                self._gone([new.session_id], "expired")
             self._cache[new.session_id] = _pack(new.now, new.now, 1, new.data)
             self.counters["created"] += 1
             if new.explicit:
@@ -1069,10 +1071,11 @@ class SessionManager:
         self.counters["created"] += made
         return created
 
-    def _on_removed(self, session_id: str, existed: bool) -> bool:
-        self._gone([session_id] if existed else [], "removed")
+    def _on_removed(self, session_id: str, outcome: bool | str) -> bool:
+        if outcome:
+            self._gone([session_id], "removed" if outcome is True else "expired")
         self._cache.pop(session_id, None)
-        return existed
+        return outcome is True
 
     def _on_expired(self, _chunk: object, deleted: list[str]) -> list[str]:
         self._gone(deleted, "expired")
@@ -1111,18 +1114,20 @@ class SessionManager:
                 cutoff=self._cutoff(now),
                 limit=self.settings.max_concurrent_sessions,
                 counted_from=self._counted_from(now),
+                now=now,
             )
         )
 
     def _apply_deletes(self, conn: Connection, ids: list[str], now: float) -> list[Any]:
-        deleted = set(
-            SessionStore.delete_ids(conn, list(dict.fromkeys(ids)), reason="revoked", now=now)
+        # True: a live session was removed; "expired": the row of an expired one (absent
+        # already, so remove() says False) was deleted; False: there was no row.
+        live, expired = SessionStore.delete_ids(
+            conn, list(dict.fromkeys(ids)), reason="revoked", now=now, live_from=self._cutoff(now)
         )
-        results: list[Any] = []
-        for sid in ids:
-            results.append(sid in deleted)
-            deleted.discard(sid)  # a second remove of the same id in one batch: False
-        return results
+        outcome: dict[str, bool | str] = {sid: "expired" for sid in expired}
+        outcome.update(dict.fromkeys(live, True))
+        # A second remove of the same id in one batch: False.
+        return [outcome.pop(sid, False) for sid in ids]
 
     def _apply_data_changes(
         self, conn: Connection, changes: list[_DataChange], now: float

@@ -122,16 +122,19 @@ NewRow = tuple[str, float, float, str, int]
 class CreateResult(NamedTuple):
     """What :meth:`SessionStore.create_many` did for one :class:`NewSession`.
 
-    Created: ``created`` is true (the row is the :class:`NewSession` as given). Not
+    Created: ``created`` is true (the row is the :class:`NewSession` as given), and
+    ``replaced`` tells whether it took the place of an expired row of the same id. Not
     created: ``row`` is the live row that was there already, or ``None`` when the
     session limit refused it.
     """
 
     row: SessionRow | None
     created: bool
+    replaced: bool = False
 
 
 _CREATED = CreateResult(None, True)
+_REPLACED = CreateResult(None, True, True)
 _REFUSED = CreateResult(None, False)
 
 
@@ -986,13 +989,14 @@ class SessionStore:
         cutoff: float,
         limit: int,
         counted_from: float | None = None,
+        now: float = 0.0,
     ) -> list[CreateResult]:
         """Insert sessions in one statement, honouring ``limit`` live sessions (0: none).
 
         An explicit id that already has a live row (``last_activity >= cutoff``) is
         returned as it is (get-or-create, never overwrite); one whose row has expired
-        is replaced by a new session. The limit counts the rows active since
-        ``counted_from`` (default ``cutoff``).
+        is replaced by a new session (its token tombstoned as expired at ``now``). The
+        limit counts the rows active since ``counted_from`` (default ``cutoff``).
         """
         explicit = list({n.session_id for n in new if n.explicit})
         existing: dict[str, SessionRow] = {}
@@ -1002,9 +1006,16 @@ class SessionStore:
             existing.update((r[0], SessionRow(*r)) for r in conn.execute(stmt))
         stale = [sid for sid, row in existing.items() if row.last_activity < cutoff]
         if stale:
-            conn.execute(delete(sessions).where(sessions.c.session_id.in_(stale)))
+            # Their tokens' tombstones say expired, as cleanup's would.
+            gone = conn.execute(
+                delete(sessions)
+                .where(sessions.c.session_id.in_(stale))
+                .returning(sessions.c.session_id, sessions.c.token_hash)
+            ).all()
+            cls._bury(conn, gone, "expired", now)
             for sid in stale:
                 del existing[sid]
+        stale_ids = set(stale)  # the first new session of each replaces it
         counted = cutoff if counted_from is None else counted_from
         room = (limit - cls.count_live(conn, counted)) if limit else len(new)
         to_insert: list[tuple[str, float, float, str, int]] = []
@@ -1021,10 +1032,13 @@ class SessionStore:
                 continue
             room -= 1
             params = (n.session_id, n.now, n.now, n.data, 1)
+            replaced = False
             if n.explicit:
                 made[n.session_id] = SessionRow(*params)
+                replaced = n.session_id in stale_ids
+                stale_ids.discard(n.session_id)
             to_insert.append(params)
-            results.append(_CREATED)
+            results.append(_REPLACED if replaced else _CREATED)
         if to_insert:
             _insert_rows(conn, to_insert)
         return results
@@ -1050,17 +1064,32 @@ class SessionStore:
 
     @classmethod
     def delete_ids(
-        cls, conn: Connection, session_ids: Sequence[str], *, reason: str, now: float
-    ) -> list[str]:
-        """Delete these sessions (tombstoning their tokens); the ids that had a row."""
+        cls,
+        conn: Connection,
+        session_ids: Sequence[str],
+        *,
+        reason: str,
+        now: float,
+        live_from: float | None = None,
+    ) -> tuple[list[str], list[str]]:
+        """Delete these sessions, tombstoning their tokens: ``(live ids, expired ids)``.
+
+        With ``live_from``, rows last active before it are expired ones: their
+        tombstones say so, whatever ``reason`` is. Ids without a row are in neither.
+        """
         if not session_ids:
-            return []
+            return [], []
         stmt = (
             delete(sessions)
             .where(sessions.c.session_id.in_(session_ids))
-            .returning(sessions.c.session_id, sessions.c.token_hash)
+            .returning(sessions.c.session_id, sessions.c.token_hash, sessions.c.last_activity)
         )
-        return cls._bury(conn, (conn.execute(stmt)).all(), reason, now)
+        live: list[tuple[str, str | None]] = []
+        expired: list[tuple[str, str | None]] = []
+        for sid, token_hash, last_activity in conn.execute(stmt):
+            was_live = live_from is None or last_activity >= live_from
+            (live if was_live else expired).append((sid, token_hash))
+        return cls._bury(conn, live, reason, now), cls._bury(conn, expired, "expired", now)
 
     @staticmethod
     def expired_chunk_statement(cutoff: float = 0.0, chunk: int = 0) -> Any:

@@ -191,3 +191,36 @@ async def test_a_token_is_replaced_once(manager: SessionManager) -> None:
     new = next(r for r in results if isinstance(r, str))
     assert (await manager.resume(new)).session is not None
     assert (await manager.resume(token)).reason == "revoked"
+
+
+async def test_removing_an_expired_session_says_false_and_its_token_says_expired(
+    manager: SessionManager, clock: ManualClock
+) -> None:
+    # Found by review: remove() of a session get() already called absent said True,
+    # listeners heard "removed", and its token then said "revoked".
+    await manager.ensure("idle")
+    token = await manager.issue_token("idle")
+    clock.advance(61)
+    assert await manager.get("idle") is None
+    heard: list[tuple[str, str]] = []
+    manager.add_removal_listener(lambda sid, why: heard.append((sid, why)))
+    assert await manager.remove("idle") is False
+    assert heard == [("idle", "expired")]
+    assert (await manager.resume(token)).reason == "expired"
+    assert await manager.store.fetch("idle") is None  # the row is gone all the same
+
+
+async def test_a_session_created_in_place_of_an_expired_one_leaves_its_token_expired(
+    manager: SessionManager, clock: ManualClock
+) -> None:
+    # Found by review: ensure(id) deleted the expired row without a tombstone, so its
+    # token said "unknown", and no listener heard of it.
+    await manager.ensure("x", data={"n": 1})
+    token = await manager.issue_token("x")
+    clock.advance(61)
+    heard: list[tuple[str, str]] = []
+    manager.add_removal_listener(lambda sid, why: heard.append((sid, why)))
+    assert (await manager.ensure("x", data={"n": 2})).data == {"n": 2}
+    assert heard == [("x", "expired")]
+    assert (await manager.resume(token)).reason == "expired"
+    assert (await manager.get("x")).data == {"n": 2}  # type: ignore[union-attr]
