@@ -45,7 +45,6 @@ from ..errors import (
     ManagerClosedError,
     SessionLimitError,
     SessionNotFoundError,
-    SessionStoreError,
     StorageError,
     StorageFullError,
     VersionConflictError,
@@ -53,6 +52,10 @@ from ..errors import (
 from ..manager import SessionManager
 from ..session import Session
 from . import protocol as p
+
+#: Store errors that a request's reply describes (``_dispatch`` maps each to its code),
+#: from the daemon's own ops and an application's handler alike.
+_ANSWERED = (VersionConflictError, DataTooLargeError, InvalidDataError, StorageError)
 
 __all__ = ["DaemonOptions", "Handler", "SessionServer", "run_daemon", "serve"]
 
@@ -584,7 +587,12 @@ class SessionServer:
             if isinstance(request, p.Close | p.Logout):
                 if isinstance(request, p.Logout):
                     self._detach(client)  # our own delete must not close us with 4002
-                    await self.manager.remove(sid)
+                    try:
+                        await self.manager.remove(sid)
+                    except StorageError as exc:  # not logged out: still this client's session
+                        self._clients.setdefault(sid, client)
+                        await ws.send(p.encode(self._storage_error(request.id, sid, exc)))
+                        continue
                     log.debug("session %s logged out", sid)
                 await ws.send(p.encode(p.bye_reply(request.id)))
                 await ws.close(p.CLOSE_NORMAL, "bye")
@@ -631,13 +639,16 @@ class SessionServer:
         except SessionNotFoundError:
             self._gone(client, "expired or removed")
             return None
-        except StorageFullError as exc:
-            log.warning("request on session %s failed: %s", sid, exc)
-            return self._error(rid, "storage_full", "the server's storage is full; retry later")
         except StorageError as exc:
-            log.warning("request on session %s failed: %s", sid, exc)
-            return self._error(rid, "storage_error", "the database could not be used; retry")
+            return self._storage_error(rid, sid, exc)
         return self._error(rid, "unknown_op", "unhandled request")  # pragma: no cover
+
+    def _storage_error(self, rid: p.RequestId, sid: str, exc: StorageError) -> dict[str, Any]:
+        """The reply to a request the database failed: the client may retry it."""
+        log.warning("request on session %s failed: %s", sid, exc)
+        if isinstance(exc, StorageFullError):
+            return self._error(rid, "storage_full", "the server's storage is full; retry later")
+        return self._error(rid, "storage_error", "the database could not be used; retry")
 
     async def _application(self, client: _Client, request: p.AppRequest) -> dict[str, Any] | None:
         rid = request.id
@@ -650,9 +661,14 @@ class SessionServer:
             reply = await self._handler(session, request.message)
         except p.ProtocolError as exc:
             return self._error(rid, exc.code, exc.message)
-        except (SessionStoreError, asyncio.CancelledError):
-            raise
-        except Exception:
+        except SessionNotFoundError as exc:
+            if exc.session_id == client.session_id:
+                raise  # the caller's own session is gone: 4002
+            log.exception("application handler failed on op %r", request.op)
+            return self._error(rid, "internal_error", "the application failed on this request")
+        except (*_ANSWERED, asyncio.CancelledError):
+            raise  # what _dispatch answers for the store's own requests, it answers here too
+        except Exception:  # SessionLimitError, ManagerClosedError and the rest
             log.exception("application handler failed on op %r", request.op)
             return self._error(rid, "internal_error", "the application failed on this request")
         if reply is None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
+import sqlite3
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -608,3 +609,52 @@ async def test_one_token_resumed_twice_at_once_recovers_the_session_once(
     lost = next(r for r in replies if not r["recovered"])
     assert lost["reason"] == "revoked"
     assert lost["session_id"] != welcome["session_id"]
+
+
+async def test_a_handler_failing_on_another_session_gets_an_error_reply(
+    start_server: StartServer, manager: SessionManager, clients: Clients
+) -> None:
+    # Found by review: a handler's SessionNotFoundError for another session closed the
+    # caller with 4002, and a SessionLimitError escaped the connection (1011).
+    async def handler(_session: Session, message: dict[str, Any]) -> dict[str, Any]:
+        if message["op"] == "send":
+            await manager.set_data(message["to"], {"msg": "hi"})
+        else:
+            await manager.ensure()  # at the limit
+        return {"done": True}
+
+    server = await start_server(handler=handler)
+    ws, welcome = await clients.hello(f"ws://127.0.0.1:{server.port}")
+    sent = await request(ws, {"op": "send", "id": 1, "to": "no-such-session"})
+    assert (sent["op"], sent["code"], sent["re"]) == ("error", "internal_error", 1)
+    real_limit = manager.settings
+    manager.settings = real_limit.with_(max_concurrent_sessions=1)
+    try:
+        spawned = await request(ws, {"op": "spawn", "id": 2})
+    finally:
+        manager.settings = real_limit
+    assert (spawned["op"], spawned["code"]) == ("error", "internal_error")
+    assert (await request(ws, {"op": "ping", "id": 3}))["op"] == "pong"  # still served
+    assert await manager.get(welcome["session_id"]) is not None
+
+
+async def test_a_logout_the_database_refuses_gets_an_error_and_keeps_the_session(
+    start_server: StartServer, tmp_path: Path, clients: Clients, clock: ManualClock
+) -> None:
+    # Found by review: the failed remove() escaped and the connection closed with 1011.
+    async with SessionManager(
+        str(tmp_path / "busy.db"), clock=clock, busy_timeout_ms=50, refresh_interval_secs=0
+    ) as m:
+        server = await start_server(m)
+        ws, welcome = await clients.hello(f"ws://127.0.0.1:{server.port}")
+        other = sqlite3.connect(tmp_path / "busy.db", isolation_level=None)
+        other.execute("BEGIN IMMEDIATE")  # another process holds the write lock
+        try:
+            refused = await request(ws, {"op": "logout", "id": 7})
+        finally:
+            other.rollback()
+            other.close()
+        assert (refused["op"], refused["code"], refused["re"]) == ("error", "storage_error", 7)
+        assert await m.get(welcome["session_id"]) is not None
+        assert (await request(ws, {"op": "logout", "id": 8}))["op"] == "bye"
+        assert await m.get(welcome["session_id"]) is None
