@@ -658,3 +658,12 @@ async def test_a_logout_the_database_refuses_gets_an_error_and_keeps_the_session
         assert await m.get(welcome["session_id"]) is not None
         assert (await request(ws, {"op": "logout", "id": 8}))["op"] == "bye"
         assert await m.get(welcome["session_id"]) is None
+
+
+async def test_a_text_frame_that_is_not_utf8_closes_1007_as_documented(
+    url: str, clients: Clients
+) -> None:
+    ws, _ = await clients.hello(url)
+    await ws.send(b'{"op":"ping","x":"\xff"}', text=True)
+    code, _, _ = await closed(ws)
+    assert code == 1007
