@@ -187,6 +187,7 @@ _ERROR_TEXT = (
     ("readonly", StorageReadOnlyError, "database is not writable"),
     ("unable to open", StorageReadOnlyError, "database cannot be opened"),
     ("locked", StorageBusyError, "database is locked"),
+    ("lock timeout", StorageBusyError, "database is locked"),  # PostgreSQL's lock_timeout
 )
 
 
@@ -263,11 +264,23 @@ def make_engine(
 ) -> AsyncEngine:
     """The async engine (reads everywhere; writes on PostgreSQL).
 
-    On SQLite every connection is set up by :func:`_set_up_sqlite`.
+    On SQLite every connection is set up by :func:`_set_up_sqlite`. On PostgreSQL
+    ``busy_timeout_ms`` is every connection's ``lock_timeout``: a write waits that long
+    for the writers' advisory lock (another daemon's transaction, or an operator's
+    session holding it) and then fails with :class:`StorageBusyError`, as on SQLite,
+    instead of waiting for ever. (PostgreSQL's 0 means no limit: 0 here is 1 ms.)
     """
     if url.get_backend_name() != "sqlite":
+        connect_args: dict[str, Any] = {}
+        if url.get_driver_name() == "asyncpg":
+            lock_timeout = str(max(1, int(busy_timeout_ms)))
+            connect_args["server_settings"] = {"lock_timeout": lock_timeout}
         return create_async_engine(
-            url, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True
+            url,
+            pool_size=pool_size,
+            max_overflow=pool_size,
+            pool_pre_ping=True,
+            connect_args=connect_args,
         )
     # No reset on return: every checkout ends its own transaction (write commits or
     # rolls back; reads run without one), and the reset would cost a thread hop.

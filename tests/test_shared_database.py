@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import sqlite3
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import pytest
+from sqlalchemy.engine import make_url
 
 import sessionstore.manager as manager_module
 from sessionstore import (
@@ -15,6 +18,7 @@ from sessionstore import (
     Session,
     SessionLimitError,
     SessionManager,
+    StorageBusyError,
     VersionConflictError,
 )
 from sessionstore.store import SessionRow
@@ -768,3 +772,44 @@ async def test_the_session_limit_counts_activity_another_manager_has_not_written
             await a.ensure()
         clock.advance(1.0)  # past the grace as well: they no longer count
         assert (await a.ensure()).session_id
+
+
+@contextlib.asynccontextmanager
+async def _writers_lock_held(database: str, backend: str) -> AsyncIterator[None]:
+    """Another connection holds what every writer of the database waits for: SQLite's
+    write lock, PostgreSQL's writers' advisory lock."""
+    if backend == "sqlite":
+        other = sqlite3.connect(database, isolation_level=None)
+        other.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        finally:
+            other.rollback()
+            other.close()
+        return
+    import asyncpg
+
+    url = make_url(database)
+    conn = await asyncpg.connect(
+        host=url.host, port=url.port or 5432, user=url.username, database=url.database
+    )
+    try:
+        async with conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock(24149)")  # 0x5E55, the store's
+            yield
+    finally:
+        await conn.close()
+
+
+async def test_a_write_waits_busy_timeout_for_a_lock_held_elsewhere_then_fails(
+    make_manager: ManagerFactory, database: str, backend: str
+) -> None:
+    # Found by review: on PostgreSQL a write waited for ever for the advisory lock.
+    async with make_manager(busy_timeout_ms=200) as m:
+        await m.ensure("s")
+        async with _writers_lock_held(database, backend):
+            started = time.perf_counter()
+            with pytest.raises(StorageBusyError):
+                await asyncio.wait_for(m.set_data("s", {"n": 1}), 30)
+            assert time.perf_counter() - started < 5
+        assert (await m.set_data("s", {"n": 2})).version == 2  # and writes go on after
