@@ -23,6 +23,7 @@ import os
 import secrets
 import struct
 import time
+from collections import Counter
 from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -180,30 +181,50 @@ def _next_chunk_rows(rows: int, took: float, target: float, first: int) -> int:
 
 
 class _Fills:
-    """Counts reads whose rows go into the cache: ``with fills:`` around each.
+    """Counts reads whose rows go into the cache: ``with fills.reading() as since:``
+    around each.
 
-    And remembers which sessions this manager deleted while any such read ran, so
-    that a read that began before a delete cannot cache the deleted row: a row of a
-    session deleted after its read began (a higher ``epoch`` than the read's) is
-    treated as absent (:meth:`overtaken`).
+    And remembers which sessions this manager deleted while such reads ran, so that a
+    read that began before a delete cannot cache the deleted row: a row of a session
+    deleted after its read began (a higher ``epoch`` than the read's ``since``) is
+    treated as absent (:meth:`overtaken`). A mark is kept only while a read that
+    began before it runs.
     """
 
-    __slots__ = ("epoch", "gone", "running", "started")
+    __slots__ = ("_since", "epoch", "gone", "running", "started")
 
     def __init__(self) -> None:
         self.started = 0
         self.running = 0
         self.epoch = 0
         self.gone: dict[str, tuple[int, str]] = {}  # id -> (epoch, grave)
+        self._since: Counter[int] = Counter()  # the running reads' epochs at their start
 
-    def __enter__(self) -> None:
+    def reading(self) -> _Reading:
+        """A read for the cache: entered, it gives the epoch the read began at."""
+        return _Reading(self)
+
+    def begin(self) -> int:
+        """A read begins: the epoch it began at."""
+        since = self.epoch
         self.started += 1
         self.running += 1
+        self._since[since] += 1
+        return since
 
-    def __exit__(self, *_exc: object) -> None:
+    def end(self, since: int) -> None:
+        """The read that began at ``since`` is over."""
         self.running -= 1
-        if not self.running:
+        left = self._since[since] - 1
+        if left:
+            self._since[since] = left
+            return
+        del self._since[since]
+        if not self._since:
             self.gone.clear()  # no read left that began before those deletes
+        elif self.gone and (oldest := min(self._since)) > since:
+            # The oldest read is over: drop the marks no read still running predates.
+            self.gone = {sid: mark for sid, mark in self.gone.items() if mark[0] > oldest}
 
     def deleted(self, session_ids: Collection[str], grave: str) -> None:
         """These sessions were deleted; ``grave``: what their tombstones say."""
@@ -217,6 +238,23 @@ class _Fills:
         """The grave of ``session_id`` if it was deleted after epoch ``since``, else None."""
         mark = self.gone.get(session_id)
         return mark[1] if mark is not None and mark[0] > since else None
+
+
+class _Reading:
+    """One read of :class:`_Fills` (a context manager giving its ``since``)."""
+
+    __slots__ = ("_fills", "_since")
+
+    def __init__(self, fills: _Fills) -> None:
+        self._fills = fills
+        self._since = 0
+
+    def __enter__(self) -> int:
+        self._since = self._fills.begin()
+        return self._since
+
+    def __exit__(self, *_exc: object) -> None:
+        self._fills.end(self._since)
 
 
 def hash_token(token: str) -> str:
@@ -792,8 +830,7 @@ class SessionManager:
         """
         self._running_writer()
         fills = self._fills
-        with fills:
-            since = fills.epoch
+        with fills.reading() as since:
             row, grave = await self._token_loader.load(hash_token(token)) or (None, None)
             if row is not None and (gone := fills.overtaken(row.session_id, since)):
                 row, grave = None, gone  # deleted here since this call began
@@ -945,8 +982,7 @@ class SessionManager:
             if not _valid_id(session_id):
                 return None
             fills = self._fills
-            with fills:
-                since = fills.epoch
+            with fills.reading() as since:
                 row = await self._row_loader.load(session_id)
                 entry = self._cache.get(session_id)  # created while the read ran, say
                 if entry is None:
@@ -971,8 +1007,7 @@ class SessionManager:
         # this manager deleted while the read ran is absent: the caller may have
         # joined after the delete returned.
         fills = self._fills
-        with fills:
-            since = fills.epoch
+        with fills.reading() as since:
             rows = await self._store.fetch_many(session_ids)
             return {
                 row.session_id: row
@@ -984,8 +1019,7 @@ class SessionManager:
         self, token_hashes: list[str]
     ) -> Mapping[str, tuple[SessionRow | None, str | None]]:
         fills = self._fills
-        with fills:
-            since = fills.epoch
+        with fills.reading() as since:
             found = await self._store.resume_lookup(token_hashes)
             for digest, (row, _grave) in found.items():
                 grave = None if row is None else fills.overtaken(row.session_id, since)
@@ -1120,9 +1154,14 @@ class SessionManager:
 
     def _apply_deletes(self, conn: Connection, ids: list[str], now: float) -> list[Any]:
         # True: a live session was removed; "expired": the row of an expired one (absent
-        # already, so remove() says False) was deleted; False: there was no row.
+        # already, so remove() says False) was deleted; False: there was no row. Live
+        # as the session limit counts: another process may hold activity unwritten.
         live, expired = SessionStore.delete_ids(
-            conn, list(dict.fromkeys(ids)), reason="revoked", now=now, live_from=self._cutoff(now)
+            conn,
+            list(dict.fromkeys(ids)),
+            reason="revoked",
+            now=now,
+            live_from=self._counted_from(now),
         )
         outcome: dict[str, bool | str] = {sid: "expired" for sid in expired}
         outcome.update(dict.fromkeys(live, True))

@@ -268,12 +268,14 @@ def make_engine(
     ``busy_timeout_ms`` is every connection's ``lock_timeout``: a write waits that long
     for the writers' advisory lock (another daemon's transaction, or an operator's
     session holding it) and then fails with :class:`StorageBusyError`, as on SQLite,
-    instead of waiting for ever. (PostgreSQL's 0 means no limit: 0 here is 1 ms.)
+    instead of waiting for ever. (PostgreSQL's 0 means no limit: 0 here is 1 ms; it takes
+    at most 2**31 - 1 ms.)
     """
     if url.get_backend_name() != "sqlite":
         connect_args: dict[str, Any] = {}
         if url.get_driver_name() == "asyncpg":
-            lock_timeout = str(max(1, int(busy_timeout_ms)))
+            # Within what PostgreSQL accepts: 1 ms (its 0 is no limit) to 2**31 - 1 ms.
+            lock_timeout = str(min(max(1, int(busy_timeout_ms)), 2**31 - 1))
             connect_args["server_settings"] = {"lock_timeout": lock_timeout}
         return create_async_engine(
             url,

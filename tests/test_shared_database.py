@@ -813,3 +813,52 @@ async def test_a_write_waits_busy_timeout_for_a_lock_held_elsewhere_then_fails(
                 await asyncio.wait_for(m.set_data("s", {"n": 1}), 30)
             assert time.perf_counter() - started < 5
         assert (await m.set_data("s", {"n": 2})).version == 2  # and writes go on after
+
+
+def test_delete_marks_live_only_while_a_read_that_predates_them_runs() -> None:
+    # Found by review: the marks were dropped only once no read at all ran, so under
+    # overlapping cache misses (a busy daemon) every id ever deleted stayed marked.
+    fills = manager_module._Fills()
+    first = fills.reading()
+    before = first.__enter__()
+    fills.deleted(["a", "b"], "revoked")
+    second = fills.reading()
+    after = second.__enter__()
+    assert fills.overtaken("a", before) == "revoked"
+    assert fills.overtaken("a", after) is None
+    first.__exit__(None, None, None)  # the only read older than the marks is over
+    assert fills.gone == {}
+    fills.deleted(["c"], "expired")
+    third = fills.reading()
+    third.__enter__()
+    second.__exit__(None, None, None)  # "c" was deleted after the second began...
+    assert fills.gone == {}  # ...and the third, still running, began after "c"
+    fills.deleted(["d"], "revoked")
+    assert fills.overtaken("d", after) == "revoked"
+    third.__exit__(None, None, None)
+    assert (fills.running, fills.gone) == (0, {})
+
+
+async def test_remove_of_a_session_another_manager_holds_live_says_true(
+    make_manager: ManagerFactory, clock: ManualClock
+) -> None:
+    # Found by review: a's activity for s is unwritten (within its flush interval), so
+    # the row looks expired; b's remove() deleted it all the same, said False and
+    # tombstoned it "expired". Live as the session limit counts it: True, "revoked".
+    options: dict[str, Any] = {"session_timeout_secs": 60, "flush_interval_secs": 30}
+    async with make_manager(**options) as a, make_manager(**options) as b:
+        sid = (await a.ensure()).session_id
+        token = await a.issue_token(sid)
+        clock.advance(50)
+        assert await a.update_activity(sid)  # in a's memory only
+        clock.advance(15)  # the row looks expired for 5 s; the session is live in a
+        assert await b.remove(sid) is True
+        assert (await b.resume(token)).reason == "revoked"
+
+
+async def test_a_busy_timeout_beyond_what_postgresql_takes_still_works(
+    make_manager: ManagerFactory,
+) -> None:
+    # Found by review: lock_timeout takes at most 2**31 - 1 ms, and every connection failed.
+    async with make_manager(busy_timeout_ms=2**31) as m:
+        assert (await m.ensure("s")).session_id == "s"

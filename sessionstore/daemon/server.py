@@ -589,8 +589,16 @@ class SessionServer:
                     self._detach(client)  # our own delete must not close us with 4002
                     try:
                         await self.manager.remove(sid)
-                    except StorageError as exc:  # not logged out: still this client's session
-                        self._clients.setdefault(sid, client)
+                    except StorageError as exc:  # not logged out: the session stays
+                        if self._clients.setdefault(sid, client) is not client:
+                            # Resumed on another connection meanwhile: the session is its.
+                            self._kick(
+                                client,
+                                p.CLOSE_SUPERSEDED,
+                                "superseded by a newer connection",
+                                notice=p.superseded_notice(),
+                            )
+                            continue
                         await ws.send(p.encode(self._storage_error(request.id, sid, exc)))
                         continue
                     log.debug("session %s logged out", sid)

@@ -21,7 +21,7 @@ from sessionstore.daemon import protocol as p
 from sessionstore.daemon.server import DaemonOptions, SessionServer, run_daemon, serve
 from tests.daemon.conftest import Clients, StartServer
 from tests.daemon.wsclient import closed, http_get, parse_http, receive, request, send
-from tests.helpers import ManualClock
+from tests.helpers import ManualClock, wait_until
 
 # ----- handshake and welcome -----
 
@@ -667,3 +667,44 @@ async def test_a_text_frame_that_is_not_utf8_closes_1007_as_documented(
     await ws.send(b'{"op":"ping","x":"\xff"}', text=True)
     code, _, _ = await closed(ws)
     assert code == 1007
+
+
+async def test_a_logout_that_fails_while_a_resume_takes_over_supersedes_the_old_connection(
+    start_server: StartServer, tmp_path: Path, clients: Clients, clock: ManualClock
+) -> None:
+    # Found by review: the failed logout put the old connection back only if no one
+    # else held the session, and served it all the same when another connection had
+    # resumed it meanwhile: two connections on one session.
+    db = tmp_path / "d.db"
+    async with SessionManager(str(db), clock=clock, refresh_interval_secs=0) as m:
+        server = await start_server(m)
+        url = f"ws://127.0.0.1:{server.port}"
+        old, welcome = await clients.hello(url)
+        writer = m._writer
+        assert writer is not None
+        other = sqlite3.connect(db, isolation_level=None)
+        # The database refuses this delete (a real trigger, as a full disk would).
+        other.execute(
+            "CREATE TRIGGER refuse BEFORE DELETE ON sessions "
+            "BEGIN SELECT RAISE(ABORT, 'disk is full'); END"
+        )
+        other.execute("BEGIN IMMEDIATE")  # another process writes for a moment
+        try:
+            new = await clients.open(url)
+            await send(new, {"op": "resume", "v": 1, "id": "r", "token": welcome["token"]})
+            await wait_until(lambda: _true(writer.busy))  # the token's write waits for the lock
+            await send(old, {"op": "logout", "id": 7})
+            await wait_until(lambda: _true(any(r[0] == "delete" for r in writer._queue)))
+        finally:
+            other.rollback()
+            other.close()
+        resumed = await receive(new)
+        assert (resumed["op"], resumed["recovered"]) == ("welcome", True)
+        code, _, frames = await closed(old)
+        assert code == p.CLOSE_SUPERSEDED
+        assert frames == [{"op": "superseded"}]
+        assert (await request(new, {"op": "set", "id": 8, "data": {"by": "new"}}))["op"] == "result"
+
+
+async def _true(value: bool) -> bool:
+    return value
