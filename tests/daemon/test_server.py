@@ -4,6 +4,7 @@ and real websockets clients."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import socket
 import sqlite3
@@ -24,6 +25,19 @@ from tests.daemon.wsclient import closed, http_get, parse_http, receive, request
 from tests.helpers import ManualClock, wait_until
 
 # ----- handshake and welcome -----
+
+
+@contextlib.asynccontextmanager
+async def _served(
+    start_server: StartServer, path: Path, clock: ManualClock, **settings: Any
+) -> AsyncIterator[tuple[SessionManager, str]]:
+    """A manager of its own on ``path`` (these settings, the manual clock) and the URL
+    of an in-process server on it."""
+    async with SessionManager(
+        str(path), clock=clock, refresh_interval_secs=0, **settings
+    ) as manager:
+        server = await start_server(manager)
+        yield manager, f"ws://127.0.0.1:{server.port}"
 
 
 async def test_hello_gets_a_new_session_and_a_strong_token(
@@ -642,11 +656,11 @@ async def test_a_logout_the_database_refuses_gets_an_error_and_keeps_the_session
     start_server: StartServer, tmp_path: Path, clients: Clients, clock: ManualClock
 ) -> None:
     # Found by review: the failed remove() escaped and the connection closed with 1011.
-    async with SessionManager(
-        str(tmp_path / "busy.db"), clock=clock, busy_timeout_ms=50, refresh_interval_secs=0
-    ) as m:
-        server = await start_server(m)
-        ws, welcome = await clients.hello(f"ws://127.0.0.1:{server.port}")
+    async with _served(start_server, tmp_path / "busy.db", clock, busy_timeout_ms=50) as (
+        m,
+        url,
+    ):
+        ws, welcome = await clients.hello(url)
         other = sqlite3.connect(tmp_path / "busy.db", isolation_level=None)
         other.execute("BEGIN IMMEDIATE")  # another process holds the write lock
         try:
@@ -676,9 +690,7 @@ async def test_a_logout_that_fails_while_a_resume_takes_over_supersedes_the_old_
     # else held the session, and served it all the same when another connection had
     # resumed it meanwhile: two connections on one session.
     db = tmp_path / "d.db"
-    async with SessionManager(str(db), clock=clock, refresh_interval_secs=0) as m:
-        server = await start_server(m)
-        url = f"ws://127.0.0.1:{server.port}"
+    async with _served(start_server, db, clock) as (m, url):
         old, welcome = await clients.hello(url)
         writer = m._writer
         assert writer is not None
