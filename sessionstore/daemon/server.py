@@ -228,7 +228,8 @@ class SessionServer:
         self._check_interval = check_interval
         self._ws: Server | None = None
         self._clients: dict[str, _Client] = {}
-        self._background: set[asyncio.Task[None]] = set()
+        self._background: set[asyncio.Task[Any]] = set()
+        self._figures_task: asyncio.Task[dict[str, Any]] | None = None
         self._watcher: asyncio.Task[None] | None = None
         self._close_task: asyncio.Task[None] | None = None
         self._closed: asyncio.Event | None = None
@@ -385,7 +386,7 @@ class SessionServer:
         sessions: dict[str, Any] = {"connected": self.connected}
         db = "ok"
         try:
-            figures = await self.manager.get_session_metrics()
+            figures = await self._session_figures()
         except Exception as exc:
             log.warning("health check cannot read the database: %s", exc)
             db = "error"
@@ -407,6 +408,21 @@ class SessionServer:
             "sessions": sessions,
             "db": db,
         }
+
+    async def _session_figures(self) -> dict[str, Any]:
+        """The manager's metrics; callers that ask while a read of them runs share it.
+
+        ``/healthz`` and ``/metrics`` answer anyone who connects, and each read is a
+        flush and counts over the live sessions: a flood of requests costs one read at
+        a time, not one each.
+        """
+        task = self._figures_task
+        if task is None or task.done():
+            task = self._figures_task = asyncio.ensure_future(self.manager.get_session_metrics())
+            self._background.add(task)  # cancelled by close() like the rest
+            task.add_done_callback(self._background.discard)
+            task.add_done_callback(_seen)  # its failure is seen even if every caller left
+        return await asyncio.shield(task)
 
     async def metrics_text(self) -> str:
         """The Prometheus text exposition of this server's metrics."""
@@ -760,6 +776,12 @@ class SessionServer:
                 return
             except Exception:
                 log.exception("checking attached sessions failed")
+
+
+def _seen(task: asyncio.Future[Any]) -> None:
+    """Mark a shared task's failure as retrieved: its callers may all have gone."""
+    if not task.cancelled():
+        task.exception()
 
 
 def _respond(

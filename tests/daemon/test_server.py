@@ -720,3 +720,29 @@ async def test_a_logout_that_fails_while_a_resume_takes_over_supersedes_the_old_
 
 async def _true(value: bool) -> bool:
     return value
+
+
+async def test_a_flood_of_health_requests_shares_one_read_of_the_figures(
+    server: SessionServer, manager: SessionManager, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # /healthz answers anyone, and each read of the figures is a flush and counts over
+    # every live session: twenty requests at once read them once, not twenty times.
+    await manager.ensure()
+    asked, reads = [0], [0]
+    real_health, real_figures = server.health, manager.get_session_metrics
+
+    async def health() -> dict[str, Any]:
+        asked[0] += 1
+        return await real_health()
+
+    async def figures() -> dict[str, Any]:
+        reads[0] += 1
+        await wait_until(lambda: _true(asked[0] == 20))  # every request is in
+        return await real_figures()
+
+    monkeypatch.setattr(server, "health", health)
+    monkeypatch.setattr(manager, "get_session_metrics", figures)
+    answers = await asyncio.gather(*(http_get(server.port, "/healthz") for _ in range(20)))
+    assert {status for status, _, _ in answers} == {200}
+    assert {json.loads(body)["sessions"]["live"] for _, _, body in answers} == {1}
+    assert reads == [1]
