@@ -254,6 +254,8 @@ BAD_FRAMES: list[tuple[str | bytes, str]] = [
     ('{"op":"set","data":{"a":1e999}}', "bad_json"),
     ('{"op":"set","data":' + '{"a":' * 40 + "1" + "}" * 41, "bad_json"),
     ('{"op":"hello"}', "unexpected_op"),
+    ('{"op":"hello","v":2}', "unsupported_version"),  # malformed first, as documented
+    ('{"op":"resume"}', "bad_type"),
     (b'{"op":"ping"}', "binary_frame"),
 ]
 
