@@ -23,7 +23,7 @@ import os
 import secrets
 import struct
 import time
-from collections import Counter
+from collections import deque
 from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -191,14 +191,17 @@ class _Fills:
     began before it runs.
     """
 
-    __slots__ = ("_since", "epoch", "gone", "running", "started")
+    __slots__ = ("_marks", "_reads", "_starts", "epoch", "gone", "running", "started")
 
     def __init__(self) -> None:
         self.started = 0
         self.running = 0
         self.epoch = 0
         self.gone: dict[str, tuple[int, str]] = {}  # id -> (epoch, grave)
-        self._since: Counter[int] = Counter()  # the running reads' epochs at their start
+        # Epochs only grow, so both of these are oldest first, pruned from the front:
+        self._reads: dict[int, int] = {}  # the running reads' start epochs -> how many
+        self._starts: deque[int] = deque()  # those epochs (ended ones until pruned)
+        self._marks: deque[tuple[int, str]] = deque()  # (epoch, id) of each mark
 
     def reading(self) -> _Reading:
         """A read for the cache: entered, it gives the epoch the read began at."""
@@ -209,22 +212,30 @@ class _Fills:
         since = self.epoch
         self.started += 1
         self.running += 1
-        self._since[since] += 1
+        count = self._reads.get(since, 0)
+        self._reads[since] = count + 1
+        if not count and (not self._starts or self._starts[-1] != since):
+            self._starts.append(since)
         return since
 
     def end(self, since: int) -> None:
-        """The read that began at ``since`` is over."""
+        """The read that began at ``since`` is over; drop the marks no running read
+        predates (each mark and start is dropped once: no scan per read)."""
         self.running -= 1
-        left = self._since[since] - 1
-        if left:
-            self._since[since] = left
+        count = self._reads[since] - 1
+        if count:
+            self._reads[since] = count
             return
-        del self._since[since]
-        if not self._since:
-            self.gone.clear()  # no read left that began before those deletes
-        elif self.gone and (oldest := min(self._since)) > since:
-            # The oldest read is over: drop the marks no read still running predates.
-            self.gone = {sid: mark for sid, mark in self.gone.items() if mark[0] > oldest}
+        del self._reads[since]
+        starts, reads = self._starts, self._reads
+        while starts and starts[0] not in reads:
+            starts.popleft()
+        marks, gone = self._marks, self.gone
+        while marks and (not starts or marks[0][0] <= starts[0]):
+            epoch, sid = marks.popleft()
+            mark = gone.get(sid)
+            if mark is not None and mark[0] == epoch:  # not marked again since
+                del gone[sid]
 
     def deleted(self, session_ids: Collection[str], grave: str) -> None:
         """These sessions were deleted; ``grave``: what their tombstones say."""
@@ -233,6 +244,7 @@ class _Fills:
             mark = (self.epoch, grave)
             for sid in session_ids:
                 self.gone[sid] = mark
+                self._marks.append((self.epoch, sid))
 
     def overtaken(self, session_id: str, since: int) -> str | None:
         """The grave of ``session_id`` if it was deleted after epoch ``since``, else None."""

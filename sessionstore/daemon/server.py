@@ -410,17 +410,21 @@ class SessionServer:
         }
 
     async def _session_figures(self) -> dict[str, Any]:
-        """The manager's metrics; callers that ask while a read of them runs share it.
+        """The manager's metrics; callers share reads of them, one read at a time.
 
         ``/healthz`` and ``/metrics`` answer anyone who connects, and each read is a
         flush and counts over the live sessions: a flood of requests costs one read at
-        a time, not one each.
+        a time, not one each. A caller that comes while a read runs waits for it and
+        shares the next one, which begins after it came: the figures never predate a
+        write that returned before the call. The read is not cancelled by
+        :meth:`close` (a health check during shutdown gets its answer).
         """
+        running = self._figures_task
+        if running is not None and not running.done():
+            await asyncio.wait({running})
         task = self._figures_task
         if task is None or task.done():
             task = self._figures_task = asyncio.ensure_future(self.manager.get_session_metrics())
-            self._background.add(task)  # cancelled by close() like the rest
-            task.add_done_callback(self._background.discard)
             task.add_done_callback(_seen)  # its failure is seen even if every caller left
         return await asyncio.shield(task)
 

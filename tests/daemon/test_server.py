@@ -30,14 +30,14 @@ from tests.helpers import ManualClock, wait_until
 @contextlib.asynccontextmanager
 async def _served(
     start_server: StartServer, path: Path, clock: ManualClock, **settings: Any
-) -> AsyncIterator[tuple[SessionManager, str]]:
-    """A manager of its own on ``path`` (these settings, the manual clock) and the URL
-    of an in-process server on it."""
+) -> AsyncIterator[tuple[SessionManager, SessionServer, str]]:
+    """A manager of its own on ``path`` (these settings, the manual clock), an
+    in-process server on it, and its URL."""
     async with SessionManager(
         str(path), clock=clock, refresh_interval_secs=0, **settings
     ) as manager:
         server = await start_server(manager)
-        yield manager, f"ws://127.0.0.1:{server.port}"
+        yield manager, server, f"ws://127.0.0.1:{server.port}"
 
 
 async def test_hello_gets_a_new_session_and_a_strong_token(
@@ -660,6 +660,7 @@ async def test_a_logout_the_database_refuses_gets_an_error_and_keeps_the_session
     # Found by review: the failed remove() escaped and the connection closed with 1011.
     async with _served(start_server, tmp_path / "busy.db", clock, busy_timeout_ms=50) as (
         m,
+        _server,
         url,
     ):
         ws, welcome = await clients.hello(url)
@@ -692,7 +693,7 @@ async def test_a_logout_that_fails_while_a_resume_takes_over_supersedes_the_old_
     # else held the session, and served it all the same when another connection had
     # resumed it meanwhile: two connections on one session.
     db = tmp_path / "d.db"
-    async with _served(start_server, db, clock) as (m, url):
+    async with _served(start_server, db, clock) as (m, _server, url):
         old, welcome = await clients.hello(url)
         writer = m._writer
         assert writer is not None
@@ -728,7 +729,8 @@ async def test_a_flood_of_health_requests_shares_one_read_of_the_figures(
     server: SessionServer, manager: SessionManager, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # /healthz answers anyone, and each read of the figures is a flush and counts over
-    # every live session: twenty requests at once read them once, not twenty times.
+    # every live session: twenty requests at once read them twice (the one in flight
+    # when the others came, then one for all of those), not twenty times.
     await manager.ensure()
     asked, reads = [0], [0]
     real_health, real_figures = server.health, manager.get_session_metrics
@@ -747,4 +749,55 @@ async def test_a_flood_of_health_requests_shares_one_read_of_the_figures(
     answers = await asyncio.gather(*(http_get(server.port, "/healthz") for _ in range(20)))
     assert {status for status, _, _ in answers} == {200}
     assert {json.loads(body)["sessions"]["live"] for _, _, body in answers} == {1}
-    assert reads == [1]
+    assert reads == [2]
+
+
+async def test_health_asked_while_the_server_closes_gets_its_answer(
+    start_server: StartServer, tmp_path: Path, clock: ManualClock
+) -> None:
+    # Found by review: close() cancelled the shared read of the figures, and a health
+    # check waiting on it got CancelledError instead of an answer.
+    db = tmp_path / "h.db"
+    async with _served(start_server, db, clock, flush_interval_secs=3600) as (m, server, _url):
+        sid = (await m.ensure()).session_id
+        clock.advance(1)
+        assert await m.update_activity(sid)  # pending: the figures' flush writes it
+        writer = m._writer
+        assert writer is not None
+        other = sqlite3.connect(db, isolation_level=None)
+        other.execute("BEGIN IMMEDIATE")  # another process writes for a moment
+        try:
+            asking = asyncio.ensure_future(server.health())
+            await wait_until(lambda: _true(writer.busy))
+            server.close()
+            await server.wait_closed()
+        finally:
+            other.rollback()
+            other.close()
+        assert (await asyncio.wait_for(asking, 10))["status"] == "draining"
+
+
+async def test_health_asked_after_a_write_returned_counts_it(
+    server: SessionServer, manager: SessionManager, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Found by review: a health check asked after a write returned joined a read that
+    # had begun before it, and did not count the write.
+    real = manager.store.aggregates
+    read_done, release = asyncio.Event(), asyncio.Event()
+
+    async def aggregates(cutoff: float) -> dict[str, Any]:  # the real read, handed back late
+        figures = await real(cutoff)
+        read_done.set()
+        await release.wait()
+        return figures
+
+    monkeypatch.setattr(manager.store, "aggregates", aggregates)
+    first = asyncio.ensure_future(server.health())
+    await read_done.wait()
+    await manager.ensure("s")  # durable on return
+    second = asyncio.ensure_future(server.health())
+    for _ in range(5):
+        await asyncio.sleep(0)  # it is waiting for the read in flight
+    release.set()
+    assert (await first)["sessions"]["live"] == 0
+    assert (await second)["sessions"]["live"] == 1
