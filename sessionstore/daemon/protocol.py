@@ -313,7 +313,9 @@ def parse(frame: str | bytes) -> Request:
     except _BadNumber as exc:
         raise ProtocolError("bad_json", str(exc)) from None
     except RecursionError:
-        raise ProtocolError("bad_json", "nested too deeply") from None
+        # The same answer as the depth check below gives: whether the decoder runs out
+        # of stack first depends on how deep the caller's own stack is.
+        raise ProtocolError("bad_json", f"nested deeper than {MAX_DEPTH} levels") from None
     except UnicodeDecodeError:
         raise ProtocolError("bad_json", "frame is not valid UTF-8") from None
     except ValueError as exc:  # json.JSONDecodeError, and int() digit limits

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import secrets
+import sys
 from typing import Any
 
 import pytest
@@ -261,3 +262,20 @@ json_values = st.recursive(
 def test_set_round_trips_any_json_object(data: dict[str, Any]) -> None:
     request = p.parse(json.dumps({"op": "set", "id": "s", "data": data}))
     assert request == p.Set("s", data)
+
+
+def test_a_frame_nested_too_deep_for_the_stack_gets_the_same_answer_at_any_depth() -> None:
+    # Found by the fuzz test in CI: inside a connection handler the decoder ran out of
+    # stack ("nested too deeply") where a shallower caller got the depth check's
+    # message, for the same frame.
+    frame = '{"op":"set","data":{"x":' + "[" * 1979 + "]" * 1979 + "}}"
+
+    def parse_at(depth: int) -> p.ProtocolError:
+        if depth:
+            return parse_at(depth - 1)
+        with pytest.raises(p.ProtocolError) as caught:
+            p.parse(frame)
+        return caught.value
+
+    answers = {(e.code, e.message) for e in (parse_at(0), parse_at(sys.getrecursionlimit() - 80))}
+    assert answers == {("bad_json", f"nested deeper than {p.MAX_DEPTH} levels")}
