@@ -322,12 +322,14 @@ def parse(frame: str | bytes) -> Request:
         raise ProtocolError("bad_json", f"invalid JSON: {exc}") from None
     if not isinstance(value, dict):
         raise ProtocolError("not_object", "a frame must be a JSON object")
+    # Depth first: the surrogate check encodes the value, which recurses as deep as it
+    # is nested (and could run out of stack where the decoder did not).
+    if _depth(value) > MAX_DEPTH:
+        raise ProtocolError("bad_json", f"nested deeper than {MAX_DEPTH} levels")
     if _LONE_SURROGATE_ESCAPE.search(text) and not _encodable(value):
         # JSON may escape half of a surrogate pair; such a string is not Unicode text,
         # cannot be stored, and cannot even be echoed back (so no request id either).
         raise ProtocolError("bad_json", "a string holds an unpaired surrogate (not Unicode)")
-    if _depth(value) > MAX_DEPTH:
-        raise ProtocolError("bad_json", f"nested deeper than {MAX_DEPTH} levels")
     rid = _request_id(value)
     if "op" not in value:
         raise ProtocolError("missing_op", 'a frame must have an "op"', rid)

@@ -264,11 +264,19 @@ def test_set_round_trips_any_json_object(data: dict[str, Any]) -> None:
     assert request == p.Set("s", data)
 
 
-def test_a_frame_nested_too_deep_for_the_stack_gets_the_same_answer_at_any_depth() -> None:
+@pytest.mark.parametrize(
+    ("depth", "inner"),
+    [(1979, ""), (200, '"\\ud800"'), (500, '"\\ud800"')],
+    ids=["deep", "a lone surrogate deep", "a lone surrogate deeper"],
+)
+def test_a_frame_nested_too_deep_for_the_stack_gets_the_same_answer_at_any_depth(
+    depth: int, inner: str
+) -> None:
     # Found by the fuzz test in CI: inside a connection handler the decoder ran out of
     # stack ("nested too deeply") where a shallower caller got the depth check's
-    # message, for the same frame.
-    frame = '{"op":"set","data":{"x":' + "[" * 1979 + "]" * 1979 + "}}"
+    # message, for the same frame. And by review: the surrogate check, which encodes
+    # the value, ran before the depth check, and could run out of stack itself.
+    frame = '{"op":"set","data":{"x":' + "[" * depth + inner + "]" * depth + "}}"
 
     def parse_at(depth: int) -> p.ProtocolError:
         if depth:
