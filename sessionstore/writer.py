@@ -60,6 +60,16 @@ _KIND = operator.itemgetter(0)
 _WHOLE_DATABASE = (StorageBusyError, StorageReadOnlyError, DatabaseCorruptError)
 
 
+def _whole_database(exc: BaseException) -> bool:
+    """Whether ``exc`` failed the database as a whole (retrying each write alone would
+    only fail each again, after as long): busy, read-only, corrupt, or not reached
+    (a connection refused or lost)."""
+    if isinstance(exc, _WHOLE_DATABASE):
+        return True
+    cause = exc.__cause__
+    return isinstance(cause, OSError) or bool(getattr(cause, "connection_invalidated", False))
+
+
 class GroupCommitWriter:
     """The single writer of one manager.
 
@@ -277,7 +287,7 @@ class GroupCommitWriter:
         except Exception as exc:
             self._restore(touches)
             live = [r for r in batch if not r[2].done()]
-            if len(live) > 1 and not isinstance(exc, _WHOLE_DATABASE):
+            if len(live) > 1 and not _whole_database(exc):
                 # Nothing committed, and one request may have doomed the rest (a write
                 # that does not fit on a full disk): retry each alone, so only it fails.
                 # Not where the database as a whole refused: each retry would wait out

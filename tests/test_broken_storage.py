@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import shutil
 import signal
@@ -12,8 +14,9 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from sqlalchemy.engine import URL, make_url
 
-from sessionstore import migrate
+from sessionstore import SessionManager, StorageError, migrate
 from tests.helpers import REPO, run_python
 
 
@@ -176,3 +179,85 @@ def test_crash_in_the_middle_of_a_migration_leaves_a_migratable_database(
     )
     assert result.returncode == 0, result.stderr
     assert _revision(db_path) == migrate.head_revision()
+
+
+class _Proxy:
+    """A TCP proxy to the PostgreSQL server that can be made to drop everything: its
+    connections, and each new one as soon as it is accepted (a server gone away)."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.target = (host, port)
+        self.up = True
+        self.accepted = 0
+        self.writers: list[asyncio.StreamWriter] = []
+        self.server: asyncio.Server | None = None
+
+    async def start(self) -> int:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return int(self.server.sockets[0].getsockname()[1])
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.accepted += 1
+        if not self.up:
+            writer.close()
+            return
+        up_reader, up_writer = await asyncio.open_connection(*self.target)
+        self.writers += [writer, up_writer]
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            with contextlib.suppress(OSError):
+                while data := await src.read(65536):
+                    dst.write(data)
+                    await dst.drain()
+            dst.close()
+
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+
+    def go_down(self) -> None:
+        self.up = False
+        for writer in self.writers:
+            writer.close()
+
+    async def aclose(self) -> None:
+        self.go_down()
+        if self.server is not None:
+            self.server.close()
+            await self.server.wait_closed()
+
+
+async def test_a_server_gone_away_fails_a_batch_at_once_not_a_connection_each(
+    postgres_url: str,
+) -> None:
+    # A batch that failed was retried one write at a time, each retry a connection
+    # attempt of its own (to a host that does not answer, each a connect timeout).
+    url = make_url(postgres_url)
+    await _reset_schema(url)
+    proxy = _Proxy(url.host or "127.0.0.1", url.port or 5432)
+    port = await proxy.start()
+    try:
+        through = url.set(port=port).render_as_string(hide_password=False)
+        async with SessionManager(through, refresh_interval_secs=0) as m:
+            ids = [(await m.ensure()).session_id for _ in range(10)]
+            proxy.go_down()
+            before = proxy.accepted
+            results = await asyncio.gather(
+                *(m.set_data(sid, {"n": 1}) for sid in ids), return_exceptions=True
+            )
+            assert all(isinstance(r, StorageError) for r in results), results
+            assert proxy.accepted - before <= 3, f"{proxy.accepted - before} connection attempts"
+            proxy.up = True  # it is back: writes go on
+            assert (await m.set_data(ids[0], {"n": 2})).version == 2
+    finally:
+        await proxy.aclose()
+
+
+async def _reset_schema(url: URL) -> None:
+    import asyncpg
+
+    conn = await asyncpg.connect(
+        host=url.host, port=url.port or 5432, user=url.username, database=url.database
+    )
+    try:
+        await conn.execute("DROP SCHEMA public CASCADE; CREATE SCHEMA public")
+    finally:
+        await conn.close()
