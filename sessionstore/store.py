@@ -212,8 +212,9 @@ def translate_error(exc: BaseException, label: str) -> StorageError | None:
     return None
 
 
-def _settled(future: asyncio.Future[Any]) -> None:
-    """Mark a finished statement's failure as seen: its caller may be gone."""
+def settled(future: asyncio.Future[Any]) -> None:
+    """A done-callback: mark a finished future's failure as seen, for its callers may
+    all be gone (no "exception was never retrieved")."""
     if not future.cancelled():
         future.exception()
 
@@ -686,7 +687,7 @@ class SessionStore:
             raise StorageError(f"{self.label}: store is closed")
         task = asyncio.ensure_future(work)
         self._in_flight.add(task)
-        task.add_done_callback(_settled)
+        task.add_done_callback(settled)
         task.add_done_callback(self._in_flight.discard)
         try:
             return await asyncio.shield(task)
@@ -827,7 +828,7 @@ class SessionStore:
         if self._closing:
             raise StorageError(f"{self.label}: store is closed")
         future = asyncio.get_running_loop().run_in_executor(write_thread, work, *args)
-        future.add_done_callback(_settled)
+        future.add_done_callback(settled)
         if commits:
             future.add_done_callback(self._note_commit)
         async with self.guard():

@@ -51,6 +51,7 @@ from ..errors import (
 )
 from ..manager import SessionManager
 from ..session import Session
+from ..store import settled
 from . import protocol as p
 
 #: Store errors that a request's reply describes (``_dispatch`` maps each to its code),
@@ -228,7 +229,7 @@ class SessionServer:
         self._check_interval = check_interval
         self._ws: Server | None = None
         self._clients: dict[str, _Client] = {}
-        self._background: set[asyncio.Task[Any]] = set()
+        self._background: set[asyncio.Task[None]] = set()
         self._figures_task: asyncio.Task[dict[str, Any]] | None = None
         self._watcher: asyncio.Task[None] | None = None
         self._close_task: asyncio.Task[None] | None = None
@@ -425,7 +426,7 @@ class SessionServer:
         task = self._figures_task
         if task is None or task.done():
             task = self._figures_task = asyncio.ensure_future(self.manager.get_session_metrics())
-            task.add_done_callback(_seen)  # its failure is seen even if every caller left
+            task.add_done_callback(settled)  # its failure is seen even if every caller left
         return await asyncio.shield(task)
 
     async def metrics_text(self) -> str:
@@ -689,14 +690,11 @@ class SessionServer:
             reply = await self._handler(session, request.message)
         except p.ProtocolError as exc:
             return self._error(rid, exc.code, exc.message)
-        except SessionNotFoundError as exc:
-            if exc.session_id == client.session_id:
-                raise  # the caller's own session is gone: 4002
-            log.exception("application handler failed on op %r", request.op)
-            return self._error(rid, "internal_error", "the application failed on this request")
         except (*_ANSWERED, asyncio.CancelledError):
             raise  # what _dispatch answers for the store's own requests, it answers here too
-        except Exception:  # SessionLimitError, ManagerClosedError and the rest
+        except Exception as exc:  # SessionLimitError, ManagerClosedError and the rest
+            if isinstance(exc, SessionNotFoundError) and exc.session_id == client.session_id:
+                raise  # the caller's own session is gone: 4002 (another's is the handler's)
             log.exception("application handler failed on op %r", request.op)
             return self._error(rid, "internal_error", "the application failed on this request")
         if reply is None:
@@ -780,12 +778,6 @@ class SessionServer:
                 return
             except Exception:
                 log.exception("checking attached sessions failed")
-
-
-def _seen(task: asyncio.Future[Any]) -> None:
-    """Mark a shared task's failure as retrieved: its callers may all have gone."""
-    if not task.cancelled():
-        task.exception()
 
 
 def _respond(
